@@ -1,0 +1,125 @@
+"""LightningDataModule: on-the-fly training stream plus cached validation/test/refit sets."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader
+
+from wlshear.data.datasets import CachedStampSet, EpochLoader, ShearStream
+from wlshear.sim.augment import Augmentation
+from wlshear.sim.noise import CorrelatedNoise
+from wlshear.sim.render import StampRenderer
+from wlshear.sim.sources import GalaxySource
+
+log = logging.getLogger(__name__)
+
+
+class ShearDataModule(L.LightningDataModule):
+    """Stamps for training (rendered on the fly) and fixed evaluation sets (cached on disk).
+
+    Parameters
+    ----------
+    source : GalaxySource (built by Hydra from ``conf/data/source/*.yaml``)
+    noise_scale : multiplies the noise kernel (1, 0.5, 0.25 = the paper's three levels; 0 = none)
+    noise_kernel : path of a kernel file or None for the embedded CLASH kernel
+    augment : dict of ``Augmentation`` fields for training; evaluation sets use its test mode
+        (rotation + mirror only)
+    train_population / eval_population : 'natural', 'homogenised' or 'matched'
+    mag_bins : source-magnitude bins for 'homogenised'
+    target_catalog : (mag, hlr_px) table for 'matched'
+    samples_per_epoch : training stamps per epoch (across all ranks)
+    val_size / test_size / refit_size : sizes of the cached sets; ``test_ring`` renders the test
+        set as shape-noise-cancelling 90-degree ring pairs
+    cache_dir : where cached sets live (None = keep in memory only)
+    backend : renderer backend ('galsim' or 'torch')
+    """
+
+    def __init__(
+        self,
+        source: GalaxySource,
+        noise_scale: float = 1.0,
+        noise_kernel=None,
+        augment: dict | None = None,
+        train_population: str = "homogenised",
+        eval_population: str = "natural",
+        mag_bins=None,
+        target_catalog=None,
+        psf_fwhm: float = 0.121,
+        pixel_scale: float = 0.065,
+        stamp_size: int = 32,
+        gsparams: dict | None = None,
+        backend: str = "galsim",
+        samples_per_epoch: int = 20000,
+        val_size: int = 2000,
+        test_size: int = 4000,
+        refit_size: int = 300000,
+        test_ring: bool = False,
+        batch_size: int = 100,
+        eval_batch_size: int = 1000,
+        num_workers: int = 1,
+        seed: int = 0,
+        cache_dir: str | None = None,
+        chunk: int = 64,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["source"], logger=False)
+        self.source = source
+        self.noise = CorrelatedNoise(noise_kernel, noise_scale) if noise_scale > 0 else None
+        aug = Augmentation(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(augment or {}).items()})
+        common = dict(psf_fwhm=psf_fwhm, pixel_scale=pixel_scale, stamp_size=stamp_size,
+                      gsparams=gsparams, backend=backend, mag_bins=mag_bins, target_catalog=target_catalog)
+        self.train_renderer = StampRenderer(source, self.noise, aug, population=train_population, **common)
+        self.eval_renderer = StampRenderer(source, self.noise, aug.test_mode(), population=eval_population, **common)
+        self.cache_dir = cache_dir
+        self.train_set: ShearStream | None = None
+        self.val_set = self.test_set = None
+        self._train_passes = 0
+
+    # -- sets ------------------------------------------------------------------------------
+    def _cached(self, name: str, n: int, seed_offset: int, ring: bool = False) -> CachedStampSet:
+        return CachedStampSet(self.eval_renderer, n, self.hparams.seed * 1000 + seed_offset,
+                              cache_dir=self.cache_dir, ring=ring, name=name)
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = ShearStream(self.train_renderer, hp.samples_per_epoch, seed=hp.seed, chunk=hp.chunk)
+        if stage in (None, "fit", "validate") and self.val_set is None:
+            self.val_set = self._cached("val", hp.val_size, 1)
+        if stage in (None, "test") and self.test_set is None:
+            self.test_set = self._cached("test", hp.test_size, 2, ring=hp.test_ring)
+
+    def refit_set(self, n: int | None = None) -> CachedStampSet:
+        """Un-augmented (rotation + mirror), population-weighted stamps for the head refit."""
+        return self._cached("refit", int(n or self.hparams.refit_size), 3)
+
+    # -- loaders ---------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        return EpochLoader(self.train_set, start_epoch=self._train_passes, batch_size=hp.batch_size,
+                           num_workers=hp.num_workers)
+
+    def _eval_loader(self, ds) -> DataLoader:
+        return DataLoader(ds, batch_size=self.hparams.eval_batch_size, shuffle=False, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_set)
+
+    def loader(self, ds) -> DataLoader:
+        """An evaluation-style loader over any cached set."""
+        return self._eval_loader(ds)
+
+    # -- checkpointing: resume continues the stream instead of repeating epoch 0 -------------
+    def state_dict(self):
+        passes = self.trainer.current_epoch + 1 if self.trainer is not None else self._train_passes
+        return {"train_passes": int(passes)}
+
+    def load_state_dict(self, state):
+        self._train_passes = int(state.get("train_passes", 0))

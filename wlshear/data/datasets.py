@@ -1,0 +1,196 @@
+"""Datasets of rendered stamps.
+
+``ShearStream``: an IterableDataset that renders training stamps on the fly in DataLoader
+workers. The random stream of each worker is seeded from (global seed, epoch, rank, worker id),
+so workers and ranks never draw the same stamps and the same seed and worker count reproduce the
+same stamps. Stamps that fail to render are skipped and counted (``failure_count``).
+
+``CachedStampSet``: a fixed, indexable set (validation, test, head refit) rendered once and
+cached on disk as ``.npz`` keyed by a hash of everything that decides its content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from wlshear.sim.render import StampBatch, StampRenderer
+
+log = logging.getLogger(__name__)
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class ShearStream(IterableDataset):
+    """On-the-fly training stamps.
+
+    Each iteration (epoch) yields ``samples_per_epoch / world_size`` samples on each rank, split
+    across the DataLoader workers. Items are ``(stamp (32, 32) float32, shear (2,) float32)``,
+    or with ``return_meta=True`` also a dict of per-stamp metadata.
+    """
+
+    def __init__(self, renderer: StampRenderer, samples_per_epoch: int, seed: int = 0,
+                 chunk: int = 64, return_meta: bool = False):
+        self.renderer = renderer
+        self.samples_per_epoch = int(samples_per_epoch)
+        self.seed = int(seed)
+        self.chunk = int(chunk)
+        self.return_meta = return_meta
+        self.epoch = 0
+        self.rank, self.world_size = 0, 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(self.samples_per_epoch / self.world_size)
+
+    def _share(self, worker_id: int, n_workers: int) -> int:
+        per_rank = len(self)
+        base, extra = divmod(per_rank, n_workers)
+        return base + (1 if worker_id < extra else 0)
+
+    def worker_seed(self, worker_id: int) -> list[int]:
+        """Seed entropy of one worker's stream: (seed, epoch, rank, worker id)."""
+        return [self.seed, self.epoch, self.rank, worker_id]
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        n = self._share(wid, nw)
+        ss = np.random.SeedSequence(self.worker_seed(wid))
+        p_rng, n_rng = (np.random.default_rng(s) for s in ss.spawn(2))
+        self.failure_count = 0
+        produced = 0
+        while produced < n:
+            m = min(self.chunk, n - produced)
+            params = self.renderer.sample_params(p_rng, m)
+            batch = self.renderer.render(params, n_rng)
+            self.failure_count += len(batch.failures)
+            if len(batch.failures):
+                log.warning("worker %d: %d stamp(s) failed to render and were skipped (total %d)",
+                            wid, len(batch.failures), self.failure_count)
+            for i in range(len(batch)):
+                if produced >= n:
+                    break
+                x = torch.from_numpy(batch.stamps[i])
+                y = torch.tensor([batch.meta["g1"][i], batch.meta["g2"][i]], dtype=torch.float32)
+                if self.return_meta:
+                    yield x, y, {k: v[i] for k, v in batch.meta.items()}
+                else:
+                    yield x, y
+                produced += 1
+
+
+class EpochLoader(DataLoader):
+    """DataLoader that advances its ShearStream's epoch each time it is iterated.
+
+    The stream is pickled into (non-persistent) workers at every ``iter()``, so each pass over
+    the loader renders fresh stamps. The rank is captured in the main process, where
+    torch.distributed is initialised.
+    """
+
+    def __init__(self, dataset: ShearStream, start_epoch: int = 0, **kw):
+        kw["persistent_workers"] = False
+        super().__init__(dataset, **kw)
+        self.passes = int(start_epoch)
+
+    def __iter__(self):
+        ds = self.dataset
+        ds.rank, ds.world_size = _dist_rank_world()
+        ds.set_epoch(self.passes)
+        self.passes += 1
+        return super().__iter__()
+
+    def __len__(self) -> int:  # length per rank in batches
+        ds = self.dataset
+        ds.rank, ds.world_size = _dist_rank_world()
+        return super().__len__()
+
+
+def _config_hash(desc: dict) -> str:
+    return hashlib.sha1(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def renderer_description(renderer: StampRenderer) -> dict:
+    """A JSON-able description of everything that decides a rendered set (for cache keys)."""
+    src = renderer.source
+    src_desc = {k: v for k, v in vars(src).items() if isinstance(v, (int, float, str, bool, tuple, type(None)))}
+    src_desc["class"] = type(src).__name__
+    src_desc["n"] = len(src)
+    src_desc["catalog_head"] = {k: np.asarray(v)[:50].tolist() for k, v in src.catalog.items() if k in ("mag", "hlr_px")}
+    if hasattr(src, "catalog_path"):
+        src_desc["catalog_path"] = str(src.catalog_path)
+    gsp = renderer.gsparams
+    return {
+        "source": src_desc,
+        "noise": None if renderer.noise is None else {
+            "kernel": np.round(renderer.noise.base_kernel, 12).tolist(), "scale": renderer.noise.scale},
+        "augment": vars(renderer.augment),
+        "population": renderer.population,
+        "weights_sha": hashlib.sha1(np.ascontiguousarray(renderer.weights).tobytes()).hexdigest()[:12],
+        "psf_fwhm": renderer.psf_fwhm,
+        "pixel_scale": renderer.pixel_scale,
+        "stamp_size": renderer.stamp_size,
+        "gsparams": None if gsp is None else repr(gsp),
+        "backend": renderer.backend,
+    }
+
+
+class CachedStampSet(Dataset):
+    """A fixed, seeded set of stamps, rendered once and cached as ``.npz``.
+
+    The cache file name holds a hash of the renderer description, n, seed and ring flag, so a
+    changed configuration never reuses a stale cache.
+    """
+
+    def __init__(self, renderer: StampRenderer, n: int, seed: int, cache_dir=None, ring: bool = False,
+                 name: str = "set", progress: bool = True):
+        self.n, self.seed, self.ring = int(n), int(seed), bool(ring)
+        desc = {"renderer": renderer_description(renderer), "n": self.n, "seed": self.seed, "ring": self.ring}
+        self.key = _config_hash(desc)
+        self.path = None
+        batch = None
+        if cache_dir is not None:
+            self.path = Path(cache_dir).expanduser() / f"{name}_{self.key}.npz"
+            if self.path.exists():
+                try:
+                    batch = StampBatch.load(self.path)
+                    log.info("loaded cached %s set (%d stamps) from %s", name, len(batch), self.path)
+                except Exception as err:  # a corrupt cache is re-rendered, not fatal
+                    log.warning("cache %s unreadable (%s); re-rendering", self.path, err)
+                    batch = None
+        if batch is None:
+            batch = renderer.simulate(self.n, [self.seed, 7919], ring=self.ring, progress=progress)
+            if len(batch.failures):
+                log.warning("%s set: %d stamp(s) failed to render and were skipped", name, len(batch.failures))
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.path.with_suffix(".tmp.npz")
+                batch.save(tmp)
+                tmp.replace(self.path)
+                (self.path.with_suffix(".json")).write_text(json.dumps(desc, indent=1, default=str))
+        self.batch = batch
+        self.stamps = torch.from_numpy(np.ascontiguousarray(batch.stamps, dtype=np.float32))
+        self.shear = torch.from_numpy(batch.shear)
+
+    @property
+    def meta(self) -> dict:
+        return self.batch.meta
+
+    def __len__(self) -> int:
+        return len(self.stamps)
+
+    def __getitem__(self, i):
+        return self.stamps[i], self.shear[i]

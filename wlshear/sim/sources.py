@@ -1,0 +1,408 @@
+"""Galaxy sources: where the unlensed galaxy profiles come from.
+
+Every source is a finite catalogue of galaxies addressed by an integer id, with per-galaxy
+properties (magnitude at the CLASH zero-point, half-light radius in target pixels) and a method
+that builds the GalSim profile of one galaxy, centred, unsheared, unrotated, already rescaled to
+the target frame. Profiles are built once per process and cached.
+
+Units of the profiles' flux are "pre-mask counts": the renderer first draws the galaxy, then sets
+pixels below ``mask_threshold`` to zero (COSMOS native noise), then multiplies by ``flux_factor``.
+After that the pixel values are CLASH counts (zero-point 25.4193).
+
+Sources
+-------
+``ParametricSource`` (``parametric``): the embedded default, needs no file. Sersic (index on a
+    0.5 grid) or bulge + disk galaxies, optionally with RandomKnots substructure; properties drawn
+    from configurable distributions that resemble the CLASH background population.
+``CosmosSource`` (``cosmos`` / ``cosmos_parametric``): HST COSMOS F814W galaxies from a GalSim
+    COSMOS catalogue directory, real images rendered by reconvolution or their parametric fits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from pathlib import Path
+
+import galsim
+import numpy as np
+
+from wlshear.sim.constants import (
+    ALPHA_RESCALE,
+    COSMOS_FLUX_FACTOR,
+    COSMOS_MASK_THRESHOLD,
+    COSMOS_PIXEL_SCALE,
+    PIXEL_SCALE,
+    ZP_CLASH,
+    ZP_COSMOS,
+)
+
+
+def make_gsparams(gsparams) -> galsim.GSParams | None:
+    """Build GSParams from a dict (config) or pass through a GSParams/None."""
+    if gsparams is None or isinstance(gsparams, galsim.GSParams):
+        return gsparams
+    return galsim.GSParams(**dict(gsparams))
+
+
+class _LRU:
+    """Small least-recently-used cache of built GalSim objects."""
+
+    def __init__(self, maxsize: int):
+        self.maxsize = int(maxsize)
+        self._d: OrderedDict = OrderedDict()
+
+    def get(self, key, factory):
+        if key in self._d:
+            self._d.move_to_end(key)
+            return self._d[key]
+        val = factory()
+        self._d[key] = val
+        if len(self._d) > self.maxsize:
+            self._d.popitem(last=False)
+        return val
+
+    def __getstate__(self):  # caches are per process: never pickle built objects
+        return {"maxsize": self.maxsize}
+
+    def __setstate__(self, state):
+        self.maxsize = state["maxsize"]
+        self._d = OrderedDict()
+
+
+class GalaxySource:
+    """Base class: a finite catalogue of galaxies with a profile builder.
+
+    Attributes
+    ----------
+    name : str
+    catalog : dict of numpy arrays, each of length ``len(self)``:
+        ``mag`` (total magnitude at the CLASH zero-point, after all rescaling),
+        ``mag_source`` (magnitude in the source catalogue's own system; used for the training
+        magnitude bins), ``hlr_px`` (half-light radius in target pixels, before PSF).
+    mask_threshold : float or None
+        Pixels of the drawn galaxy below this value [pre-mask counts] are set to 0.
+    flux_factor : float
+        Multiplies the stamp after masking.
+    """
+
+    name = "base"
+    mask_threshold: float | None = None
+    flux_factor: float = 1.0
+
+    def __init__(self, gsparams=None, cache_size: int = 5000):
+        self.gsparams = make_gsparams(gsparams)
+        self._cache = _LRU(cache_size)
+        self.catalog: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.catalog["mag"])
+
+    def galaxy(self, index: int) -> galsim.GSObject:
+        """The galaxy profile for ``index`` (cached)."""
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"galaxy id {index} out of range for {self.name} source with {len(self)} galaxies")
+        return self._cache.get(index, lambda: self._build(index))
+
+    def _build(self, index: int) -> galsim.GSObject:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _truncnorm(rng, n, mean, sd, lo, hi):
+    out = rng.normal(mean, sd, n)
+    bad = (out < lo) | (out > hi)
+    while bad.any():
+        out[bad] = rng.normal(mean, sd, bad.sum())
+        bad = (out < lo) | (out > hi)
+    return out
+
+
+class ParametricSource(GalaxySource):
+    """Analytic galaxy population resembling the CLASH background sources (the embedded default).
+
+    All distributions are set by the constructor (and so by ``conf/data/source/parametric.yaml``):
+
+    - magnitude (CLASH zero-point): normal(``mag_mean``, ``mag_sd``) truncated to ``mag_range``;
+    - half-light radius [target pixels, 0.065"]: log10 r = log10(``hlr_median_px``)
+      + ``hlr_mag_slope`` * (mag - ``mag_mean``) + normal(0, ``hlr_log_scatter``), clipped to
+      ``hlr_range_px`` (brighter galaxies are larger for a negative slope);
+    - morphology: with probability ``p_bulge_disk`` a de Vaucouleurs bulge (half-light radius
+      ``bulge_hlr_ratio`` x disk's) plus exponential disk, bulge fraction U(``bulge_frac_range``);
+      otherwise a single Sersic profile with index uniform on ``sersic_grid`` (a grid of 0.5
+      steps keeps GalSim's Sersic tables cached; continuous n is ~10x slower);
+    - substructure: with probability ``p_knots`` a fraction U(``knot_frac_range``) of the
+      (disk) flux is moved into ``galsim.RandomKnots`` with ``n_knots`` points (<= 25);
+    - intrinsic ellipticity: |e| (shear convention) from a Rayleigh distribution of scale
+      ``e_sigma`` truncated at ``e_max``; random position angle.
+    """
+
+    name = "parametric"
+
+    def __init__(
+        self,
+        n_galaxies: int = 20000,
+        seed: int = 12345,
+        mag_mean: float = 24.5,
+        mag_sd: float = 1.1,
+        mag_range=(22.0, 27.0),
+        hlr_median_px: float = 3.0,
+        hlr_mag_slope: float = -0.15,
+        hlr_log_scatter: float = 0.2,
+        hlr_range_px=(1.0, 25.0),
+        p_bulge_disk: float = 0.4,
+        bulge_hlr_ratio: float = 0.5,
+        bulge_frac_range=(0.05, 0.6),
+        sersic_grid=(0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0),
+        p_knots: float = 0.15,
+        knot_frac_range=(0.05, 0.3),
+        n_knots: int = 25,
+        e_sigma: float = 0.25,
+        e_max: float = 0.8,
+        zeropoint: float = ZP_CLASH,
+        pixel_scale: float = PIXEL_SCALE,
+        gsparams=None,
+        cache_size: int = 5000,
+    ):
+        super().__init__(gsparams, cache_size)
+        if not 1 <= n_knots <= 25:
+            raise ValueError(f"n_knots must be in [1, 25], got {n_knots}")
+        if n_galaxies < 1:
+            raise ValueError("n_galaxies must be >= 1")
+        self.seed = seed
+        self.zeropoint = zeropoint
+        self.pixel_scale = pixel_scale
+        self.bulge_hlr_ratio = bulge_hlr_ratio
+        self.n_knots = int(n_knots)
+        rng = np.random.default_rng(seed)
+        n = int(n_galaxies)
+        mag = _truncnorm(rng, n, mag_mean, mag_sd, *mag_range)
+        logr = (
+            math.log10(hlr_median_px)
+            + hlr_mag_slope * (mag - mag_mean)
+            + rng.normal(0.0, hlr_log_scatter, n)
+        )
+        hlr = np.clip(10**logr, *hlr_range_px)
+        is_bd = rng.random(n) < p_bulge_disk
+        sersic_n = rng.choice(np.asarray(sersic_grid, dtype=float), n)
+        bulge_frac = rng.uniform(*bulge_frac_range, n)
+        has_knots = rng.random(n) < p_knots
+        knot_frac = np.where(has_knots, rng.uniform(*knot_frac_range, n), 0.0)
+        emag = rng.rayleigh(e_sigma, n)
+        while (bad := emag >= e_max).any():
+            emag[bad] = rng.rayleigh(e_sigma, bad.sum())
+        beta = rng.uniform(0, np.pi, n)
+        self.catalog = {
+            "mag": mag,
+            "mag_source": mag.copy(),
+            "hlr_px": hlr,
+            "bulge_disk": is_bd,
+            "sersic_n": np.where(is_bd, np.nan, sersic_n),
+            "bulge_frac": np.where(is_bd, bulge_frac, np.nan),
+            "knot_frac": knot_frac,
+            "e1": emag * np.cos(2 * beta),
+            "e2": emag * np.sin(2 * beta),
+        }
+
+    def _build(self, i: int) -> galsim.GSObject:
+        c = self.catalog
+        flux = 10 ** (-0.4 * (c["mag"][i] - self.zeropoint))
+        hlr = c["hlr_px"][i] * self.pixel_scale  # arcsec
+        gsp = self.gsparams
+        kf = c["knot_frac"][i]
+        if c["bulge_disk"][i]:
+            bf = c["bulge_frac"][i]
+            bulge = galsim.DeVaucouleurs(half_light_radius=hlr * self.bulge_hlr_ratio, gsparams=gsp)
+            disk = galsim.Exponential(half_light_radius=hlr, gsparams=gsp)
+            parts = [bulge.withFlux(bf)]
+            disk_flux = 1.0 - bf
+        else:
+            disk = galsim.Sersic(n=float(c["sersic_n"][i]), half_light_radius=hlr, gsparams=gsp)
+            parts = []
+            disk_flux = 1.0
+        parts.append(disk.withFlux(disk_flux * (1 - kf)))
+        if kf > 0:
+            rng = galsim.BaseDeviate(int(self.seed) * 1_000_003 + i + 1)
+            knots = galsim.RandomKnots(
+                self.n_knots, half_light_radius=hlr, flux=disk_flux * kf, rng=rng, gsparams=gsp
+            )
+            parts.append(knots)
+        gal = galsim.Add(parts, gsparams=gsp) if len(parts) > 1 else parts[0]
+        gal = gal.shear(g1=float(c["e1"][i]), g2=float(c["e2"][i]))
+        return gal.withFlux(flux)
+
+
+DOWNLOAD_HINT = (
+    "Download a COSMOS training sample with GalSim's script, e.g. "
+    "`galsim_download_cosmos -s 25.2 -d {dir}` (or -s 23.5), then point "
+    "data.source.catalog_dir at the directory holding real_galaxy_catalog_*.fits."
+)
+
+
+def _find_catalog_file(directory: Path, file_name: str | None) -> Path:
+    if file_name is not None:
+        return directory / file_name
+    cands = sorted(
+        p
+        for p in directory.glob("real_galaxy_catalog_*.fits")
+        if not p.name.endswith(("_fits.fits", "_selection.fits"))
+    )
+    if not cands:
+        raise FileNotFoundError(
+            f"No COSMOS catalogue (real_galaxy_catalog_*.fits) in {directory}. "
+            + DOWNLOAD_HINT.format(dir=directory.parent)
+        )
+    return cands[0]
+
+
+def check_cosmos_dir(catalog_dir, file_name=None, use_real=True, exclusion_level="none") -> Path:
+    """Check that a GalSim COSMOS catalogue directory has every file the chosen mode needs.
+
+    Raises one FileNotFoundError listing all missing files and how to download them.
+    Returns the catalogue file path.
+    """
+    directory = Path(catalog_dir).expanduser()
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"COSMOS catalogue directory does not exist: {directory}. " + DOWNLOAD_HINT.format(dir=directory.parent)
+        )
+    cat_path = _find_catalog_file(directory, file_name)
+    missing = []
+    if not cat_path.exists():
+        missing.append(cat_path.name)
+    else:
+        from astropy.io import fits
+
+        try:
+            with fits.open(cat_path) as hdul:
+                cols = hdul[1].columns.names
+                data = hdul[1].data
+                if use_real:
+                    names = set()
+                    for col in ("GAL_FILENAME", "PSF_FILENAME", "NOISE_FILENAME"):
+                        if col in cols:
+                            names.update(str(v).strip() for v in np.unique(data[col]))
+                    missing.extend(sorted(n for n in names if n and not (directory / n).exists()))
+        except OSError as err:
+            raise OSError(f"COSMOS catalogue {cat_path} is not a readable FITS table: {err}") from err
+    stem = cat_path.name[: -len(".fits")]
+    fits_file = directory / f"{stem}_fits.fits"
+    if not fits_file.exists():
+        missing.append(fits_file.name)
+    if exclusion_level not in (None, "none"):
+        sel = directory / f"{stem}_selection.fits"
+        if not sel.exists():
+            missing.append(sel.name + f" (needed for exclusion_level={exclusion_level!r}; use 'none' to skip)")
+    if missing:
+        raise FileNotFoundError(
+            f"COSMOS catalogue directory {directory} is incomplete; missing: {', '.join(missing)}. "
+            + DOWNLOAD_HINT.format(dir=directory.parent)
+        )
+    return cat_path
+
+
+class CosmosSource(GalaxySource):
+    """HST COSMOS F814W galaxies from a GalSim COSMOS catalogue directory.
+
+    ``use_real=True`` renders the real images by reconvolution (GalSim RealGalaxy: the HST PSF is
+    deconvolved, the galaxy lensed and reconvolved with the target PSF). ``use_real=False`` uses the
+    catalogue's Sersic / bulge+disk fits. Both are rescaled as in Springer et al.: dilated by
+    ``alpha`` (0.5416667) with flux rescaled by alpha^2 (constant surface brightness), pixels below
+    ``mask_threshold`` (0.012; removes the native COSMOS noise) set to 0 after drawing, then
+    multiplied by ``flux_factor`` (0.3203), which puts the stamp in CLASH counts.
+
+    Parameters
+    ----------
+    catalog_dir : directory holding ``real_galaxy_catalog_*.fits`` and its companions.
+    file_name : catalogue file name (default: the first ``real_galaxy_catalog_*.fits``).
+    exclusion_level : GalSim COSMOSCatalog exclusion level ('none', 'bad_stamp', 'bad_fits',
+        'marginal'); anything but 'none' needs the ``_selection.fits`` file.
+    mag_range : optional (lo, hi) cut on the source (F814W) magnitude.
+    """
+
+    def __init__(
+        self,
+        catalog_dir,
+        file_name: str | None = None,
+        use_real: bool = True,
+        exclusion_level: str = "none",
+        alpha: float = ALPHA_RESCALE,
+        mask_threshold: float | None = COSMOS_MASK_THRESHOLD,
+        flux_factor: float = COSMOS_FLUX_FACTOR,
+        mag_range=None,
+        source_pixel_scale: float = COSMOS_PIXEL_SCALE,
+        pixel_scale: float = PIXEL_SCALE,
+        zp_source: float = ZP_COSMOS,
+        zp_target: float = ZP_CLASH,
+        gsparams=None,
+        cache_size: int = 2000,
+    ):
+        super().__init__(gsparams, cache_size)
+        self.name = "cosmos" if use_real else "cosmos_parametric"
+        cat_path = check_cosmos_dir(catalog_dir, file_name, use_real, exclusion_level)
+        self.catalog_path = cat_path
+        self.use_real = bool(use_real)
+        self.alpha = float(alpha)
+        self.mask_threshold = mask_threshold
+        self.flux_factor = float(flux_factor)
+        self.exclusion_level = exclusion_level
+        self._open()
+        pc = self._cosmos.param_cat
+        names = pc.dtype.names
+        orig = np.asarray(self._cosmos.orig_index)
+        if "mag_auto" in names:
+            mag_src = np.asarray(pc["mag_auto"], dtype=float)[orig]
+        else:
+            rc = self._cosmos.real_cat
+            if rc is None or not hasattr(rc, "cat") or "MAG" not in rc.cat.columns.names:
+                raise ValueError(f"{cat_path}: no magnitude column (mag_auto in the fits file or MAG in the catalogue)")
+            mag_src = np.asarray(rc.cat["MAG"], dtype=float)[orig]
+        if "flux_radius" not in names:
+            raise ValueError(f"{cat_path}: the _fits.fits file has no flux_radius column")
+        # flux_radius is in COSMOS pixels; target pixels = r * 0.03 * alpha / 0.065 (= r / 4).
+        hlr_px = np.asarray(pc["flux_radius"], dtype=float)[orig] * source_pixel_scale * self.alpha / pixel_scale
+        shift = -2.5 * np.log10(self.alpha**2 * self.flux_factor) - (zp_source - zp_target)
+        keep = np.ones(len(orig), bool)
+        if mag_range is not None:
+            keep = (mag_src >= mag_range[0]) & (mag_src <= mag_range[1])
+        if not keep.any():
+            raise ValueError(f"no COSMOS galaxy in {cat_path} passes mag_range={mag_range}")
+        self._index = np.nonzero(keep)[0]  # our id -> COSMOSCatalog index
+        self.catalog = {
+            "mag": (mag_src + shift)[keep],
+            "mag_source": mag_src[keep],
+            "hlr_px": hlr_px[keep],
+            "cosmos_ident": np.asarray(pc["IDENT"])[orig][keep] if "IDENT" in names else self._index,
+        }
+
+    def _open(self):
+        self._cosmos = galsim.COSMOSCatalog(
+            file_name=self.catalog_path.name,
+            dir=str(self.catalog_path.parent),
+            use_real=self.use_real,
+            exclusion_level=self.exclusion_level,
+        )
+
+    def __getstate__(self):
+        st = self.__dict__.copy()
+        st["_cosmos"] = None  # re-opened lazily in each worker process
+        return st
+
+    def __setstate__(self, st):
+        self.__dict__.update(st)
+
+    def _build(self, i: int) -> galsim.GSObject:
+        if self._cosmos is None:
+            self._open()
+        k = int(self._index[i])
+        if self.use_real:
+            rc = self._cosmos.real_cat
+            gal = galsim.RealGalaxy(
+                rc, index=int(self._cosmos.orig_index[k]), flux_rescale=self.alpha**2, gsparams=self.gsparams
+            )
+        else:
+            gal = self._cosmos.makeGalaxy(k, gal_type="parametric", gsparams=self.gsparams) * self.alpha**2
+        return gal.dilate(self.alpha)
+
+
+SOURCES = {"parametric": ParametricSource, "cosmos": CosmosSource}
