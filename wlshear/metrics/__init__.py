@@ -1,0 +1,20 @@
+"""Shear-estimation metrics: bias fits, binned statistics and diagnostic plots.
+
+Plots live in :mod:`wlshear.metrics.plots` (imports matplotlib, not imported here).
+"""
+
+from .bias import BiasFit, average_pairs, calibrate, fit_bias, fit_line, valid_rows
+from .binned import bin_edges, binned_bias, to_csv, to_markdown
+
+__all__ = [
+    "BiasFit",
+    "average_pairs",
+    "calibrate",
+    "fit_bias",
+    "fit_line",
+    "valid_rows",
+    "bin_edges",
+    "binned_bias",
+    "to_csv",
+    "to_markdown",
+]
