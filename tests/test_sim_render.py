@@ -191,3 +191,13 @@ def test_parametric_population_resembles_clash():
     assert np.corrcoef(mag, np.log(hlr))[0, 1] < -0.2  # brighter galaxies are larger
     with pytest.raises(ValueError, match="n_knots"):
         ParametricSource(n_knots=30)
+
+
+def test_render_cli_writes_stamps_and_grid(tmp_path):
+    from wlshear.sim.render import main
+
+    out = tmp_path / "st.fits"
+    assert main(["--n", "8", "--out", str(out), "--test-mode", "--seed", "2"]) == 0
+    b = StampBatch.load(out)
+    assert b.stamps.shape == (8, 32, 32) and np.all(b.meta["dx"] == 0)
+    assert (tmp_path / "st.png").stat().st_size > 1000
