@@ -1,0 +1,81 @@
+"""Head refit: the attenuation correction removes the multiplicative bias of least squares."""
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from wlshear.models.architectures import PaperCNN
+from wlshear.models.normalize import normalize_stamps
+from wlshear.models.refit import compute_features, fit_head_lstsq, refit_head
+
+G_MAX = 0.2
+
+
+def _synthetic(rng, n, mixing, noise):
+    g = rng.uniform(-G_MAX, G_MAX, size=(n, 2))
+    feats = g @ mixing + 0.3 + noise * rng.normal(size=(n, mixing.shape[1]))
+    return feats, g
+
+
+def _slope_and_error(est, true):
+    """Least-squares slope of est vs true with its standard error."""
+    t = true - true.mean()
+    slope = (t * (est - est.mean())).sum() / (t * t).sum()
+    resid = est - est.mean() - slope * t
+    return slope, resid.std() / np.sqrt((t * t).sum())
+
+
+def test_attenuation_correction_gives_unit_slope():
+    rng = np.random.default_rng(42)
+    mixing = rng.normal(size=(2, 6))
+    F_train, g_train = _synthetic(rng, 50_000, mixing, noise=0.25)
+    F_test, g_test = _synthetic(rng, 50_000, mixing, noise=0.25)
+
+    weight, bias, diag = fit_head_lstsq(F_train, g_train, shear_max=G_MAX)
+    assert weight.shape == (2, 6) and bias.shape == (2,) and diag["rank"] == 7
+    est_corr = F_test @ weight.numpy().T + bias.numpy()
+    est_plain = F_test @ diag["weight_uncorrected"].T + diag["bias_uncorrected"]
+    for i in range(2):
+        s_plain, e_plain = _slope_and_error(est_plain[:, i], g_test[:, i])
+        s_corr, e_corr = _slope_and_error(est_corr[:, i], g_test[:, i])
+        assert s_plain < 1 - 20 * e_plain, (s_plain, e_plain)  # plain LS is clearly attenuated
+        assert abs(s_corr - 1) < 3 * e_corr, (s_corr, e_corr)  # corrected estimator is unbiased
+        # m predicts the plain attenuation
+        assert abs((1 + diag["m"][i]) - s_plain) < 5 * e_plain
+    assert np.all(diag["m"] < -0.05)
+
+
+def test_fit_head_input_validation():
+    with pytest.raises(ValueError, match="shears must be"):
+        fit_head_lstsq(np.zeros((10, 3)), np.zeros((10, 3)))
+    with pytest.raises(ValueError, match="more samples"):
+        fit_head_lstsq(np.zeros((3, 3)), np.zeros((3, 2)))
+    # features with no information: L = Var(g) -> 1 + m ~ 0: refuse rather than blow up
+    rng = np.random.default_rng(0)
+    g = rng.uniform(-G_MAX, G_MAX, size=(2000, 2))
+    with pytest.raises(ValueError, match="1 \\+ m"):
+        fit_head_lstsq(rng.normal(size=(2000, 1)), g, var_g=0.5 * G_MAX**2 / 3)
+
+
+def test_refit_head_returns_new_model_with_lstsq_head():
+    torch.manual_seed(0)
+    net = PaperCNN().eval()
+    n = 256
+    x = torch.randn(n, 32, 32)
+    y = (torch.rand(n, 2) * 2 - 1) * G_MAX
+    meta = torch.arange(n)
+    loader = DataLoader(TensorDataset(x, y, meta), batch_size=64)
+    old_head = net.head.weight.detach().clone()
+
+    new, diag = refit_head(net, loader, shear_max=G_MAX, progress=False)
+    assert new is not net and torch.equal(net.head.weight, old_head)  # original untouched
+    assert diag["n"] == n and diag["d"] == 30
+
+    F, G = compute_features(net, loader, progress=False)
+    w, b, _ = fit_head_lstsq(F, G, shear_max=G_MAX)
+    with torch.no_grad():
+        xn = normalize_stamps(x.unsqueeze(1))
+        np.testing.assert_allclose(new.features(xn).numpy(), net.features(xn).numpy(), atol=1e-6)
+        expected = (F @ w.numpy().T + b.numpy())
+        np.testing.assert_allclose(new(xn).numpy(), expected, atol=1e-4)

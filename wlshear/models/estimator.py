@@ -1,0 +1,285 @@
+"""A trained CNN shear estimator usable without Hydra or Lightning, and its file format.
+
+``ShearEstimator.predict(stamps)`` takes raw stamps in counts ``(N, 32, 32)`` (axis 0 = y/row,
+axis 1 = x/column), normalises each stamp, runs the network (optionally averaged over the 8
+symmetries of the square) and applies a linear calibration ``g = (g_raw - c) / (1 + m)`` per
+component, returning ``(N, 2)`` float64 (g1, g2).
+
+File format (``torch.save`` of a dict, readable with ``torch.load(weights_only=True)``)::
+
+    {"format": "wlshear-estimator", "version": 1,
+     "net": {"class_path": "wlshear.models.architectures.PaperCNN", "kwargs": {...}},
+     "state_dict": {...}, "calibration": {"m1", "c1", "m2", "c2"},
+     "normalize": True, "metadata": {...plain Python types...}}
+
+:func:`load_estimator` also reads a Lightning checkpoint written while training a
+:class:`~wlshear.models.module.ShearRegressor` (the network is rebuilt from ``hparams["net_spec"]``).
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from wlshear.models.architectures import build_net, net_spec
+from wlshear.models.normalize import normalize_stamps
+from wlshear.models.symmetry import symmetrize
+
+__all__ = ["ShearEstimator", "load_estimator", "FORMAT_NAME", "FORMAT_VERSION"]
+
+FORMAT_NAME = "wlshear-estimator"
+FORMAT_VERSION = 1
+_CAL_KEYS = ("m1", "c1", "m2", "c2")
+
+
+def _plain(obj: Any) -> Any:
+    """Convert ``obj`` to plain Python types (dict/list/str/int/float/bool/None) for safe saving."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            obj = OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return np.asarray(obj.detach().cpu() if isinstance(obj, torch.Tensor) else obj).tolist()
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return repr(obj)
+
+
+class ShearEstimator:
+    """Trained network + per-stamp normalisation + optional symmetry average + linear calibration.
+
+    Args:
+        net: network mapping normalised ``(B, 1, H, W)`` stamps to ``(B, 2)`` shears, with
+            ``init_kwargs`` (all :mod:`wlshear.models.architectures` classes) so it can be saved.
+            A ``ShearRegressor`` (anything with a ``.net``) is unwrapped.
+        calibration: ``{"m1", "c1", "m2", "c2"}``; missing keys default to the identity (0).
+        metadata: free-form description (training config summary, refit diagnostics, ...), saved as
+            plain Python types.
+        normalize: normalise each stamp (mean 0, std 1) before the network; keep True for nets
+            trained by ``ShearRegressor``.
+        device: torch device to run on.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        calibration: Mapping[str, float] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        normalize: bool = True,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if isinstance(getattr(net, "net", None), nn.Module) and not hasattr(net, "head"):
+            net = net.net  # unwrap a ShearRegressor (LightningModule) or ShearEstimator
+        if not isinstance(net, nn.Module):
+            raise ValueError(f"net must be a torch.nn.Module, got {type(net).__name__}")
+        self.device = torch.device(device)
+        self.net = net.to(self.device).eval()
+        self.calibration = {k: 0.0 for k in _CAL_KEYS}
+        if calibration:
+            self.set_calibration(**calibration)
+        self.metadata = dict(metadata or {})
+        self.normalize = bool(normalize)
+
+    # ------------------------------------------------------------------ calibration
+    def set_calibration(self, m1: float = 0.0, c1: float = 0.0, m2: float = 0.0, c2: float = 0.0) -> None:
+        """Set the bias model ``g_raw = (1 + m) g_true + c`` that :meth:`predict` inverts."""
+        cal = {"m1": float(m1), "c1": float(c1), "m2": float(m2), "c2": float(c2)}
+        for k, v in cal.items():
+            if not math.isfinite(v):
+                raise ValueError(f"calibration {k} must be finite, got {v}")
+        if cal["m1"] <= -1 or cal["m2"] <= -1:
+            raise ValueError(f"calibration needs 1 + m > 0, got m1 = {cal['m1']}, m2 = {cal['m2']}")
+        self.calibration = cal
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def predict_raw(
+        self,
+        stamps: np.ndarray | torch.Tensor,
+        symmetrize: bool = True,
+        batch_size: int = 4096,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Uncalibrated network shears ``(N, 2)`` float64 for raw stamps ``(N, H, W)`` or ``(N, 1, H, W)``."""
+        x = torch.as_tensor(np.asarray(stamps) if not isinstance(stamps, torch.Tensor) else stamps)
+        if x.ndim == 2:
+            raise ValueError(f"expected a batch of stamps (N, H, W); got one stamp {tuple(x.shape)}: use stamps[None]")
+        if x.ndim == 4 and x.shape[1] == 1:
+            x = x[:, 0]
+        if x.ndim != 3:
+            raise ValueError(f"stamps must be (N, H, W) or (N, 1, H, W), got shape {tuple(x.shape)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.net.eval()
+        dtype = next(self.net.parameters()).dtype
+        out = np.empty((x.shape[0], 2), dtype=np.float64)
+        starts = range(0, x.shape[0], batch_size)
+        for s in tqdm(starts, desc="CNN shear", disable=not progress):
+            xb = x[s : s + batch_size].to(device=self.device, dtype=dtype).unsqueeze(1)
+            if self.normalize:
+                xb = normalize_stamps(xb)
+            g = _symmetrize(self.net, xb) if symmetrize else self.net(xb)
+            out[s : s + batch_size] = g.double().cpu().numpy()
+        return out
+
+    def calibrate(self, g_raw: np.ndarray) -> np.ndarray:
+        """Apply ``(g_raw - c) / (1 + m)`` per component."""
+        cal = self.calibration
+        m = np.array([cal["m1"], cal["m2"]])
+        c = np.array([cal["c1"], cal["c2"]])
+        return (np.asarray(g_raw, dtype=np.float64) - c) / (1.0 + m)
+
+    def predict(
+        self,
+        stamps: np.ndarray | torch.Tensor,
+        symmetrize: bool = True,
+        batch_size: int = 4096,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Calibrated shears ``(N, 2)`` float64 = (g1, g2) for raw stamps in counts ``(N, 32, 32)``.
+
+        Stamps with non-finite pixels give NaN rows (see :meth:`predict_with_flags`).
+        """
+        return self.calibrate(self.predict_raw(stamps, symmetrize=symmetrize, batch_size=batch_size, progress=progress))
+
+    def predict_with_flags(self, stamps: np.ndarray | torch.Tensor, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``(g (N, 2), failed (N,) bool)``; failed rows (non-finite input or output) hold NaN."""
+        g = self.predict(stamps, **kwargs)
+        x = np.asarray(stamps.detach().cpu() if isinstance(stamps, torch.Tensor) else stamps)
+        failed = ~np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1) | ~np.isfinite(g).all(axis=1)
+        g[failed] = np.nan
+        return g, failed
+
+    __call__ = predict
+
+    # ------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict[str, Any]:
+        """The serialisable content written by :meth:`save`."""
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "net": net_spec(self.net),
+            "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+            "calibration": dict(self.calibration),
+            "normalize": self.normalize,
+            "metadata": _plain(self.metadata),
+            "torch_version": str(torch.__version__),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write a self-contained estimator file (creates parent directories). Returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.to_dict(), tmp)
+        tmp.replace(path)  # atomic: never leaves a half-written estimator behind
+        return path
+
+    def __repr__(self) -> str:
+        return (
+            f"ShearEstimator(net={type(self.net).__name__}, calibration={self.calibration}, "
+            f"normalize={self.normalize}, device={self.device})"
+        )
+
+
+def _symmetrize(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return symmetrize(net, x)
+
+
+def _read(path: Path, map_location: Any, weights_only: bool) -> Any:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as exc:
+        if weights_only:
+            raise ValueError(
+                f"{path} holds Python objects that torch.load(weights_only=True) refuses to unpickle "
+                f"({exc}). If you trust the file, call load_estimator(..., weights_only=False)."
+            ) from exc
+        raise ValueError(f"{path} is not a readable torch file (corrupt or wrong format): {exc}") from exc
+    except Exception as exc:  # torch raises many types here (RuntimeError, EOFError, IndexError, ...)
+        raise ValueError(
+            f"{path} is not a readable torch file (corrupt, truncated or wrong format): {exc}"
+        ) from exc
+
+
+def load_estimator(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    weights_only: bool = True,
+) -> ShearEstimator:
+    """Load a :class:`ShearEstimator` from a file written by :meth:`ShearEstimator.save`, or from a
+    Lightning checkpoint of a ``ShearRegressor`` (identity calibration, metadata from its hparams).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is corrupt, of an unknown format, or its network cannot be rebuilt.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no estimator file at {path} (absolute: {path.resolve()}); train one and save it with "
+            "ShearEstimator.save(path), or pass a ShearRegressor Lightning checkpoint"
+        )
+    obj = _read(path, map_location="cpu", weights_only=weights_only)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} does not contain a wlshear estimator (found {type(obj).__name__})")
+
+    if obj.get("format") == FORMAT_NAME:
+        version = obj.get("version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{path}: unsupported estimator format version {version} (this code reads {FORMAT_VERSION})")
+        missing = [k for k in ("net", "state_dict") if k not in obj]
+        if missing:
+            raise ValueError(f"{path}: estimator file lacks {missing}; it is corrupt")
+        spec, state = obj["net"], obj["state_dict"]
+        calibration = obj.get("calibration") or {}
+        metadata = obj.get("metadata") or {}
+        normalize = bool(obj.get("normalize", True))
+    elif "state_dict" in obj and "hyper_parameters" in obj:
+        hp = obj["hyper_parameters"] or {}
+        spec = hp.get("net_spec")
+        if not spec:
+            raise ValueError(
+                f"{path} is a Lightning checkpoint without hparams['net_spec'] (not written by "
+                "wlshear.models.ShearRegressor with a wlshear architecture); rebuild the net yourself "
+                "and use ShearRegressor.load_from_checkpoint(path, net=net)"
+            )
+        prefix = "net."
+        state = {k[len(prefix):]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
+        if not state:
+            raise ValueError(f"{path}: checkpoint state_dict has no 'net.*' entries")
+        calibration = {}
+        metadata = {"source_checkpoint": str(path), "hparams": _plain(hp),
+                    "epoch": obj.get("epoch"), "global_step": obj.get("global_step")}
+        normalize = True
+    else:
+        raise ValueError(
+            f"{path} is neither a wlshear estimator file (format={obj.get('format')!r}) nor a "
+            "ShearRegressor Lightning checkpoint"
+        )
+
+    net = build_net(spec)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: weights do not match the saved architecture {spec.get('class_path')}: {exc}") from exc
+    return ShearEstimator(net, calibration=calibration, metadata=metadata, normalize=normalize, device=device)

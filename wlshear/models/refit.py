@@ -1,0 +1,198 @@
+"""Least-squares refit of a trained network's linear head, corrected for regression attenuation.
+
+Springer et al. (2018), Appendix B: freeze the network, compute its penultimate features ``f`` on
+un-augmented (rotation and mirror only) simulated stamps with known shears ``g``, and solve the
+ordinary least-squares problem ``[f, 1] W = g`` per component. A least-squares predictor of a noisy
+target is attenuated: with mean squared residual ``L`` (per component), its response to the true
+shear is ``1 + m`` with ``m = -L / Var(g)``. Dividing the refit weights and bias by ``1 + m`` gives a
+(multiplicatively) unbiased estimator. For g drawn from U(-g_max, g_max), Var(g) = g_max^2 / 3
+(g_max = 0.2 in the paper).
+
+Why: ``g = g_hat + r`` with the residual ``r`` orthogonal to ``g_hat`` and to the constant, so
+``Cov(g_hat, g) = Var(g_hat) = Var(g) - L`` and the slope of ``g_hat`` on ``g`` is ``1 - L / Var(g)``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from wlshear.models.normalize import normalize_stamps
+
+__all__ = ["fit_head_lstsq", "compute_features", "refit_head"]
+
+
+def fit_head_lstsq(
+    features: np.ndarray | torch.Tensor,
+    shears: np.ndarray | torch.Tensor,
+    shear_max: float = 0.2,
+    var_g: float | None = None,
+    rcond: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Solve ``[F, 1] W = G`` by least squares (float64) and correct for attenuation.
+
+    Args:
+        features: ``(N, d)`` network features.
+        shears: ``(N, 2)`` true (g1, g2).
+        shear_max: half-width of the uniform shear distribution, sets ``Var(g) = shear_max^2 / 3``.
+        var_g: explicit shear variance overriding ``shear_max`` (e.g. for a non-uniform prior).
+        rcond: cut-off for small singular values passed to ``numpy.linalg.lstsq``.
+
+    Returns:
+        ``weight (2, d)`` and ``bias (2,)`` float64 tensors for an ``nn.Linear(d, 2)`` head, already
+        divided by ``1 + m``; and diagnostics: ``L`` (mean squared residual per component), ``m``
+        (``-L / Var(g)``), ``var_g`` used, ``var_g_empirical``, ``rank`` of ``[F, 1]``, ``n``, ``d``,
+        ``weight_uncorrected``, ``bias_uncorrected`` (numpy arrays).
+    """
+    F = np.asarray(features.detach().cpu() if isinstance(features, torch.Tensor) else features, dtype=np.float64)
+    G = np.asarray(shears.detach().cpu() if isinstance(shears, torch.Tensor) else shears, dtype=np.float64)
+    if F.ndim != 2:
+        raise ValueError(f"features must be (N, d), got shape {F.shape}")
+    if G.shape != (F.shape[0], 2):
+        raise ValueError(f"shears must be (N, 2) with N = {F.shape[0]} (as features), got shape {G.shape}")
+    n, d = F.shape
+    if n <= d + 1:
+        raise ValueError(f"need more samples than parameters for the refit: N = {n}, d + 1 = {d + 1}")
+    good = np.isfinite(F).all(axis=1) & np.isfinite(G).all(axis=1)
+    n_bad = int((~good).sum())
+    if n_bad == n:
+        raise ValueError("all feature/shear rows are non-finite; cannot refit")
+    F, G = F[good], G[good]
+    if var_g is None:
+        if shear_max <= 0:
+            raise ValueError(f"shear_max must be > 0, got {shear_max}")
+        var_g = float(shear_max) ** 2 / 3.0
+    var_g = float(var_g)
+    if var_g <= 0:
+        raise ValueError(f"var_g must be > 0, got {var_g}")
+
+    A = np.concatenate([F, np.ones((F.shape[0], 1))], axis=1)
+    W, _, rank, _ = np.linalg.lstsq(A, G, rcond=rcond)  # (d + 1, 2)
+    resid = G - A @ W
+    L = np.mean(resid**2, axis=0)  # (2,)
+    m = -L / var_g
+    if np.any(1.0 + m <= 0):
+        raise ValueError(
+            f"attenuation correction undefined: 1 + m = {1 + m} <= 0 (L = {L}, Var(g) = {var_g}); "
+            "the features carry no shear information or shear_max/var_g is wrong"
+        )
+    W_corr = W / (1.0 + m)  # scales each output column (component) by its own factor
+    weight = torch.from_numpy(np.ascontiguousarray(W_corr[:d].T))
+    bias = torch.from_numpy(np.ascontiguousarray(W_corr[d]))
+    diagnostics = {
+        "L": L,
+        "m": m,
+        "var_g": var_g,
+        "var_g_empirical": G.var(axis=0),
+        "rank": int(rank),
+        "n": int(F.shape[0]),
+        "n_nonfinite_dropped": n_bad,
+        "d": int(d),
+        "weight_uncorrected": W[:d].T.copy(),
+        "bias_uncorrected": W[d].copy(),
+    }
+    return weight, bias, diagnostics
+
+
+def _split_net(model: nn.Module) -> nn.Module:
+    """The bare network of ``model`` (a net with ``features``/``head``, or a wrapper with ``.net``)."""
+    net = getattr(model, "net", model)
+    if not (hasattr(net, "features") and isinstance(getattr(net, "head", None), nn.Linear)):
+        raise ValueError(
+            f"{type(model).__name__} has no `features(x)` method and `head` nn.Linear "
+            "(nor a `.net` attribute that has them); cannot refit its head"
+        )
+    return net
+
+
+@torch.no_grad()
+def compute_features(
+    model: nn.Module,
+    batches: Iterable,
+    normalize: bool = True,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Penultimate features and true shears for every batch, in eval mode without gradients.
+
+    Args:
+        model: a network with ``features``/``head`` or a wrapper (``ShearRegressor``) with ``.net``.
+        batches: iterable of ``(x, y)`` or ``(x, y, meta)``; ``x`` raw stamps ``(B, H, W)`` or
+            ``(B, 1, H, W)`` in counts, ``y`` true shears ``(B, 2)``.
+        normalize: apply per-stamp normalisation (set False if ``x`` is already normalised).
+        device: where to run; defaults to the model's device.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        ``features (N, d)`` and ``shears (N, 2)`` as float64 numpy arrays.
+    """
+    net = _split_net(model)
+    if device is None:
+        device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    dtype = next(net.parameters()).dtype
+    feats, targets = [], []
+    try:
+        total = len(batches) if hasattr(batches, "__len__") else None
+        for batch in tqdm(batches, total=total, desc="refit features", disable=not progress):
+            if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+                raise ValueError("each batch must be (x, y) or (x, y, meta) with y the true shears (B, 2)")
+            x, y = batch[0], batch[1]
+            x = torch.as_tensor(x).to(device=device, dtype=dtype)
+            if x.ndim == 3:
+                x = x.unsqueeze(1)
+            if normalize:
+                x = normalize_stamps(x)
+            feats.append(net.features(x).double().cpu().numpy())
+            targets.append(torch.as_tensor(y).double().cpu().numpy().reshape(-1, 2))
+    finally:
+        net.train(was_training)
+    if not feats:
+        raise ValueError("no batches were given for the head refit")
+    return np.concatenate(feats), np.concatenate(targets)
+
+
+def _detached_deepcopy(model: nn.Module) -> nn.Module:
+    """Deep copy that does not drag along an attached Lightning ``Trainer`` (if any)."""
+    trainer = getattr(model, "_trainer", None)
+    if trainer is None:
+        return copy.deepcopy(model)
+    model._trainer = None
+    try:
+        return copy.deepcopy(model)
+    finally:
+        model._trainer = trainer
+
+
+def refit_head(
+    model: nn.Module,
+    batches: Iterable,
+    shear_max: float = 0.2,
+    var_g: float | None = None,
+    normalize: bool = True,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Return a deep copy of ``model`` whose linear head is the attenuation-corrected LS refit.
+
+    The input model is not modified. ``model`` may be a bare network (``features`` + ``head``) or a
+    wrapper with a ``.net`` attribute (e.g. ``ShearRegressor``); the copy has the same type.
+    See :func:`compute_features` for ``batches`` and :func:`fit_head_lstsq` for the diagnostics.
+    """
+    F, G = compute_features(model, batches, normalize=normalize, device=device, progress=progress)
+    weight, bias, diagnostics = fit_head_lstsq(F, G, shear_max=shear_max, var_g=var_g)
+    new_model = _detached_deepcopy(model)
+    head = _split_net(new_model).head
+    if head.weight.shape != weight.shape:
+        raise ValueError(f"refit weight shape {tuple(weight.shape)} != head weight {tuple(head.weight.shape)}")
+    with torch.no_grad():
+        head.weight.copy_(weight.to(head.weight))
+        head.bias.copy_(bias.to(head.bias))
+    return new_model, diagnostics
