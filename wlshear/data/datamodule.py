@@ -18,6 +18,15 @@ from wlshear.sim.sources import GalaxySource
 log = logging.getLogger(__name__)
 
 
+def _plain(obj):
+    """OmegaConf containers -> plain dict/list (no-op for anything else)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(obj, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(obj, resolve=True)
+    return obj
+
+
 class ShearDataModule(L.LightningDataModule):
     """Stamps for training (rendered on the fly) and fixed evaluation sets (cached on disk).
 
@@ -66,6 +75,10 @@ class ShearDataModule(L.LightningDataModule):
         chunk: int = 64,
     ):
         super().__init__()
+        # plain containers only, so checkpoints load with torch.load(weights_only=True)
+        augment, mag_bins, gsparams = _plain(augment), _plain(mag_bins), _plain(gsparams)
+        noise_kernel = None if noise_kernel is None else str(noise_kernel)
+        target_catalog = None if target_catalog is None else str(target_catalog)
         self.save_hyperparameters(ignore=["source"], logger=False)
         self.source = source
         self.noise = CorrelatedNoise(noise_kernel, noise_scale) if noise_scale > 0 else None

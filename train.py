@@ -1,0 +1,22 @@
+"""Train the shear CNN (Hydra entry point). `python train.py` runs the embedded default.
+
+Examples:
+    python train.py                                   # parametric source, CPU, a few minutes
+    python train.py experiment=paper_clash data.noise_scale=0.5
+    python train.py -m model=paper_cnn,wide_cnn,resnet_small
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train.yaml")
+def main(cfg: DictConfig) -> float | None:
+    from wlshear.tasks.train import run
+
+    metrics = run(cfg)
+    return metrics.get("val_mse")  # objective for hparams_search sweepers
+
+
+if __name__ == "__main__":
+    main()

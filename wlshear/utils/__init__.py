@@ -1,0 +1,1 @@
+"""Small helpers for Hydra entry points (config printing, instantiation, run-dir files)."""
