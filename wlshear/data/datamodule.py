@@ -95,7 +95,8 @@ class ShearDataModule(L.LightningDataModule):
     # -- sets ------------------------------------------------------------------------------
     def _cached(self, name: str, n: int, seed_offset: int, ring: bool = False) -> CachedStampSet:
         return CachedStampSet(self.eval_renderer, n, self.hparams.seed * 1000 + seed_offset,
-                              cache_dir=self.cache_dir, ring=ring, name=name)
+                              cache_dir=self.cache_dir, ring=ring, name=name,
+                              workers=self.hparams.num_workers)
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams

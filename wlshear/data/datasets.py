@@ -152,11 +152,12 @@ class CachedStampSet(Dataset):
     """A fixed, seeded set of stamps, rendered once and cached as ``.npz``.
 
     The cache file name holds a hash of the renderer description, n, seed and ring flag, so a
-    changed configuration never reuses a stale cache.
+    changed configuration never reuses a stale cache. ``workers`` renders in parallel processes
+    (the result does not depend on it).
     """
 
     def __init__(self, renderer: StampRenderer, n: int, seed: int, cache_dir=None, ring: bool = False,
-                 name: str = "set", progress: bool = True):
+                 name: str = "set", progress: bool = True, workers: int = 0):
         self.n, self.seed, self.ring = int(n), int(seed), bool(ring)
         desc = {"renderer": renderer_description(renderer), "n": self.n, "seed": self.seed, "ring": self.ring}
         self.key = _config_hash(desc)
@@ -172,7 +173,8 @@ class CachedStampSet(Dataset):
                     log.warning("cache %s unreadable (%s); re-rendering", self.path, err)
                     batch = None
         if batch is None:
-            batch = renderer.simulate(self.n, [self.seed, 7919], ring=self.ring, progress=progress)
+            batch = renderer.simulate(self.n, [self.seed, 7919], ring=self.ring, progress=progress,
+                                      chunk=128, workers=workers)
             if len(batch.failures):
                 log.warning("%s set: %d stamp(s) failed to render and were skipped", name, len(batch.failures))
             if self.path is not None:

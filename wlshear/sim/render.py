@@ -282,30 +282,56 @@ class StampRenderer:
             "pair_id": params.pair_id.astype(np.int64),
         }
 
-    def simulate(self, n: int, seed, ring: bool = False, chunk: int = 256, progress: bool = False) -> StampBatch:
+    def simulate(self, n: int, seed, ring: bool = False, chunk: int = 256, progress: bool = False,
+                 workers: int = 0) -> StampBatch:
         """Render ``n`` stamps reproducibly from ``seed`` (int or sequence of ints).
 
-        Parameters and noise come from independent streams spawned from ``seed``, so the same
-        seed gives the same galaxies, shears and augmentations on every backend.
+        Parameters are drawn at once from one stream; each chunk of ``chunk`` stamps gets its own
+        noise stream, so the result does not depend on ``workers`` (parallel processes) and the
+        same seed gives the same galaxies, shears and augmentations on every backend.
         """
         ss = np.random.SeedSequence(seed)
         p_seq, n_seq = ss.spawn(2)
         params = self.sample_params(np.random.default_rng(p_seq), n, ring=ring)
-        nrng = np.random.default_rng(n_seq)
-        parts = []
-        it = range(0, n, chunk)
+        jobs = _ChunkJobs(self, params, chunk, n_seq.entropy if isinstance(n_seq.entropy, int) else list(n_seq.entropy),
+                          tuple(n_seq.spawn_key))
+        if workers and workers > 0 and len(jobs) > 1:
+            from torch.utils.data import DataLoader
+
+            it = iter(DataLoader(jobs, batch_size=None, num_workers=int(workers), collate_fn=_identity))
+        else:
+            it = (jobs[j] for j in range(len(jobs)))
         if progress:
             from tqdm.auto import tqdm
 
-            it = tqdm(it, desc=f"rendering {n} stamps ({self.source.name})", unit="chunk")
-        for start in it:
-            sub = params.subset(slice(start, start + chunk))
-            b = self.render(sub, nrng)
-            parts.append(b)
-        stamps = np.concatenate([b.stamps for b in parts]) if parts else np.zeros((0, self.stamp_size, self.stamp_size), np.float32)
-        meta = {k: np.concatenate([b.meta[k] for b in parts]) for k in parts[0].meta} if parts else {}
+            it = tqdm(it, total=len(jobs), desc=f"rendering {n} stamps ({self.source.name})", unit="chunk")
+        parts = list(it)
+        if not parts:
+            return StampBatch(np.zeros((0, self.stamp_size, self.stamp_size), np.float32), {}, [])
+        stamps = np.concatenate([b.stamps for b in parts])
+        meta = {k: np.concatenate([b.meta[k] for b in parts]) for k in parts[0].meta}
         failures = [f for b in parts for f in b.failures]
         return StampBatch(stamps, meta, failures)
+
+
+def _identity(x):
+    return x
+
+
+class _ChunkJobs:
+    """Chunks of a parameter set, each rendered with its own noise stream (picklable for workers)."""
+
+    def __init__(self, renderer: StampRenderer, params: StampParams, chunk: int, entropy, spawn_key):
+        self.renderer, self.params, self.chunk = renderer, params, max(1, int(chunk))
+        self.entropy, self.spawn_key = entropy, spawn_key
+
+    def __len__(self) -> int:
+        return -(-len(self.params) // self.chunk)
+
+    def __getitem__(self, j: int) -> StampBatch:
+        sub = self.params.subset(slice(j * self.chunk, (j + 1) * self.chunk))
+        seq = np.random.SeedSequence(self.entropy, spawn_key=(*self.spawn_key, int(j)))
+        return self.renderer.render(sub, np.random.default_rng(seq))
 
 
 # ---------------------------------------------------------------------------------------------
