@@ -1,0 +1,557 @@
+"""Mock CLASH cluster fields: galaxies from the project's renderer, lensed by an NFW halo.
+
+A mock field is written in the public CLASH layout so that the real-data pipeline
+(``infer_clash.py`` / :mod:`wlshear.tasks.infer_clash`) runs on it unchanged:
+
+- ``hlsp_clash_hst_acs-65mas_{cluster}_{filter}_v1_drz.fits`` and ``..._wht.fits`` for the 7 ACS
+  filters, float32, with a TAN WCS (0.065"/px, north up, east left: CD1_1 < 0, CD2_2 > 0);
+- ``{cluster}_wl_catalogue.fits``: a baseline weak-lensing catalogue (RA, DEC, G1, G2, MAG, ID)
+  from the moments estimator (:mod:`wlshear.baselines.moments`) on 32x32 stamps cut at the true
+  positions, calibrated by dividing by its response ``1 + m`` (measured on a simulated ring-pair
+  set of the same population and noise, or a configured constant);
+- ``{cluster}_truth.fits``: one row per rendered object with ``x``, ``y`` (0-indexed pixels),
+  ``ra``, ``dec`` (deg), ``g1``, ``g2`` (reduced shear applied), ``kappa``, ``mu``, ``mag``
+  (CLASH zero-point, including magnification), ``hlr`` (intrinsic half-light radius in pixels,
+  including magnification), ``is_star``, ``galaxy_id``, ``in_mask`` (position in a bad region);
+- ``{cluster}_mock.json``: the generating parameters (NFW halo, centre, noise, regions, counts)
+  and the ``truth`` block that ``conf/infer_clash.yaml`` accepts (``clusters[i].truth``).
+
+Rendering. Every galaxy is a :class:`~wlshear.sim.augment.StampParams` row (galaxy id drawn from
+the renderer's population weights, (g1, g2) the NFW reduced shear at its position, random rotation
+and mirror, ``mu`` the NFW magnification (or 1), ``dx``, ``dy`` the sub-pixel offset of its
+position) drawn noiseless by ``StampRenderer.draw_noiseless(params, size=stamp_size)`` (64 px by
+default) and added into the field; stamps leaving the image are clipped. Stars are the renderer's
+PSF (``renderer.psf``) at bright magnitudes. Galaxies are not placed where the reduced shear is
+undefined or strong (kappa >= ``kappa_max`` or |g| >= ``g_max``: the strong-lensing core).
+
+Noise and weights. One correlated-noise realisation over the whole field,
+``fftconvolve(white, K)`` with the CLASH kernel K (:class:`~wlshear.sim.noise.CorrelatedNoise`,
+per-pixel sigma ``sqrt(sum K^2)``). **Choice of filter images:** every filter holds the *same*
+total image, and each filter's weight is ``w = ivar_total / n_filters`` with
+``ivar_total = 1 / sigma^2`` (``1/sigma_pixel^2``), so that
+:func:`wlshear.clash.io.combine_filters` (mean of the filters; ``n^2 / sum 1/w``) reproduces
+exactly the intended total image and inverse variance. Regions:
+
+- *shallow* rectangle (default on): the exposure is ``shallow_depth`` (1/3) of the nominal: the
+  noise there is multiplied by ``1/sqrt(depth)`` and all weights by ``depth`` (tests the mean-ivar
+  cut without making pixels bad);
+- *masked* rectangle: weight 50 (< 100) in one filter -> bad pixels after combining;
+- *NaN* square: NaN science pixels in one filter -> bad pixels.
+
+Command line::
+
+    python -m wlshear.clash.mock --out outputs/clash_mock [--cluster mock] [--size 1200]
+        [--n-galaxies N] [--seed 0] [--m200 6e14] [--conc 4] [--z-lens 0.3] [--z-source 1.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS
+
+from .io import DEFAULT_FILTERS, PIXEL_SCALE, SCI_PATTERN, WHT_PATTERN, ZEROPOINT
+from .lensing import nfw_reduced_shear
+from .stamps import extract_stamps, stamp_origin
+
+log = logging.getLogger(__name__)
+
+FAST_GSPARAMS = dict(minimum_fft_size=64, folding_threshold=1e-2, maxk_threshold=3e-3)
+
+
+@dataclass
+class MockConfig:
+    """Parameters of a mock field (all also command-line options of ``python -m wlshear.clash.mock``).
+
+    Geometry: ``size`` (pixels, square field) at ``pixel_scale`` arcsec/px, WCS reference
+    (``ra0``, ``dec0``) in degrees at the image centre. Galaxies: ``n_galaxies`` (None = 800 per
+    1200x1200 px, i.e. ~470 per arcmin^2) uniform positions at least ``min_sep_px`` apart, drawn from
+    ``source`` (``parametric`` / ``cosmos`` / ``cosmos_parametric`` with ``catalog_dir``).
+    Lens: NFW of ``m200`` [Msun], concentration ``conc`` at ``z_lens`` for sources at ``z_source``,
+    centred at ``center`` (pixels; None = image centre); ``magnification`` uses the NFW mu.
+    Stars: ``n_stars`` PSF images with magnitudes uniform in ``star_mag_range``.
+    Noise: CLASH kernel (``noise_kernel`` path or None) times ``noise_scale``.
+    Regions (x0, y0, width, height as fractions of the field): ``shallow_rect`` (depth
+    ``shallow_depth``), ``masked_rect`` (weight 50 in filter ``masked_filter``), ``nan_rect``.
+    Baseline catalogue: ``baseline_response`` (None = measure on ``n_calib`` simulated ring-pair
+    stamps of the same population and noise).
+    """
+
+    cluster: str = "mock"
+    size: int = 1200
+    pixel_scale: float = PIXEL_SCALE
+    ra0: float = 42.014
+    dec0: float = -3.529
+    filters: tuple = DEFAULT_FILTERS
+    n_galaxies: int | None = None
+    min_sep_px: float = 20.0
+    source: str = "parametric"
+    catalog_dir: str | None = None
+    source_kwargs: dict = field(default_factory=dict)
+    stamp_size: int = 64
+    m200: float = 6e14
+    conc: float = 4.0
+    z_lens: float = 0.3
+    z_source: float = 1.0
+    center: tuple | None = None
+    magnification: bool = True
+    kappa_max: float = 0.8
+    g_max: float = 0.6
+    n_stars: int = 12
+    star_mag_range: tuple = (18.5, 22.5)
+    noise_kernel: str | None = None
+    noise_scale: float = 1.0
+    shallow_rect: tuple | None = (0.0, 0.0, 0.22, 0.22)
+    shallow_depth: float = 1.0 / 3.0
+    masked_rect: tuple | None = (0.78, 0.0, 0.22, 0.12)
+    masked_filter: str = "f606w"
+    nan_rect: tuple | None = (0.45, 0.88, 0.04, 0.04)
+    baseline_response: float | None = None
+    n_calib: int = 1000
+    seed: int = 0
+    gsparams: dict = field(default_factory=lambda: dict(FAST_GSPARAMS))
+    progress: bool = True
+
+    def n_gal(self) -> int:
+        if self.n_galaxies is not None:
+            return int(self.n_galaxies)
+        return int(round(800 * (self.size / 1200.0) ** 2))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_wcs(shape: tuple[int, int], ra0: float, dec0: float, pixel_scale: float = PIXEL_SCALE) -> WCS:
+    """TAN WCS, north up / east left, reference (ra0, dec0) [deg] at the image centre."""
+    ny, nx = shape
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [ra0, dec0]
+    w.wcs.crpix = [(nx + 1) / 2.0, (ny + 1) / 2.0]  # FITS 1-indexed centre
+    w.wcs.cd = np.array([[-pixel_scale / 3600.0, 0.0], [0.0, pixel_scale / 3600.0]])
+    w.wcs.radesys = "ICRS"
+    w.wcs.equinox = 2000.0
+    w.pixel_shape = (nx, ny)
+    w.wcs.set()
+    return w
+
+
+def _rect_slices(rect, shape) -> tuple[slice, slice] | None:
+    """(y, x) slices of a rectangle given as fractions (x0, y0, w, h) of the field."""
+    if rect is None:
+        return None
+    ny, nx = shape
+    x0, y0, w, h = (float(v) for v in rect)
+    xa, ya = int(round(x0 * nx)), int(round(y0 * ny))
+    xb, yb = int(round((x0 + w) * nx)), int(round((y0 + h) * ny))
+    xa, xb = max(0, xa), min(nx, max(xb, xa + 1))
+    ya, yb = max(0, ya), min(ny, max(yb, ya + 1))
+    return slice(ya, yb), slice(xa, xb)
+
+
+def nfw_magnification(g1, g2, kappa) -> np.ndarray:
+    """mu = 1 / ((1 - kappa)^2 - |gamma|^2) with gamma = g (1 - kappa)."""
+    g2abs = np.asarray(g1) ** 2 + np.asarray(g2) ** 2
+    return 1.0 / ((1.0 - np.asarray(kappa)) ** 2 * (1.0 - g2abs))
+
+
+def sample_positions(rng, n: int, shape, min_sep: float, accept=None, max_tries: int = 50) -> np.ndarray:
+    """Uniform (x, y) pixel positions over the field, pairwise >= ``min_sep`` apart (greedy
+    rejection on a cell hash), optionally restricted by ``accept(x, y) -> bool array``."""
+    ny, nx = shape
+    cell = max(min_sep, 1.0)
+    grid: dict = {}
+    out = []
+    for _ in range(max_tries):
+        need = n - len(out)
+        if need <= 0:
+            break
+        cand = np.column_stack([rng.uniform(-0.5, nx - 0.5, 2 * need), rng.uniform(-0.5, ny - 0.5, 2 * need)])
+        if accept is not None:
+            cand = cand[accept(cand[:, 0], cand[:, 1])]
+        for x, y in cand:
+            if len(out) >= n:
+                break
+            cx, cy = int(x // cell), int(y // cell)
+            ok = True
+            if min_sep > 0:
+                for ix in (cx - 1, cx, cx + 1):
+                    for iy in (cy - 1, cy, cy + 1):
+                        for (px, py) in grid.get((ix, iy), ()):
+                            if (px - x) ** 2 + (py - y) ** 2 < min_sep**2:
+                                ok = False
+                                break
+                        if not ok:
+                            break
+                    if not ok:
+                        break
+            if ok:
+                grid.setdefault((cx, cy), []).append((x, y))
+                out.append((x, y))
+    if len(out) < n:
+        raise ValueError(
+            f"could only place {len(out)} of {n} objects {min_sep} px apart in a {shape} field; "
+            "lower n_galaxies or min_sep_px"
+        )
+    return np.asarray(out, dtype=np.float64)
+
+
+def add_stamps(image: np.ndarray, stamps: np.ndarray, x, y) -> None:
+    """Add (N, S, S) stamps centred at pixel positions (x, y) (0-indexed, centre of an even stamp at
+    ((S-1)/2 + dx) with dx = x - (x0 + (S-1)/2)), clipping at the image edges; NaN stamps skipped."""
+    ny, nx = image.shape
+    size = stamps.shape[1]
+    x0s, y0s = stamp_origin(x, y, size)
+    for st, x0, y0 in zip(stamps, x0s, y0s):
+        if not np.isfinite(st).all():
+            continue
+        xa, ya = max(0, x0), max(0, y0)
+        xb, yb = min(nx, x0 + size), min(ny, y0 + size)
+        if xb <= xa or yb <= ya:
+            continue
+        image[ya:yb, xa:xb] += st[ya - y0 : yb - y0, xa - x0 : xb - x0]
+
+
+def build_renderer(cfg: MockConfig):
+    """The project's StampRenderer for the configured population (no noise: added field-wide)."""
+    from wlshear.sim.augment import Augmentation
+    from wlshear.sim.render import StampRenderer, build_source
+
+    src = build_source(cfg.source, cfg.catalog_dir, gsparams=cfg.gsparams, **dict(cfg.source_kwargs))
+    return StampRenderer(src, None, Augmentation().test_mode(), population="natural",
+                         pixel_scale=cfg.pixel_scale, gsparams=cfg.gsparams)
+
+
+def measure_baseline_response(renderer, noise, n: int = 1000, seed: int = 0) -> dict:
+    """Response ``1 + m`` of the moments estimator on ``n`` ring-pair stamps of the renderer's
+    population with ``noise`` (shape-noise cancelling), fitted g_est = (1 + m) g_true + c."""
+    from wlshear.baselines import get_baseline
+    from wlshear.metrics.bias import fit_bias
+    from wlshear.sim.render import StampRenderer
+
+    r = StampRenderer.__new__(StampRenderer)
+    r.__dict__.update(renderer.__dict__)
+    r.noise = noise
+    n = max(2, n - n % 2)
+    batch = r.simulate(n, seed, ring=True)
+    chi, failed = get_baseline("moments").estimate(batch.stamps)
+    ok = ~failed & np.isfinite(chi).all(axis=1)
+    fit = fit_bias(batch.shear.astype(np.float64), chi, failed=~ok, pair_ids=batch.meta["pair_id"])
+    m = np.asarray(fit.m, dtype=np.float64)
+    return {"response": float(1.0 + m.mean()), "m": m.tolist(), "c": np.asarray(fit.c).tolist(),
+            "n": int(ok.sum()), "n_failed": int((~ok).sum())}
+
+
+# ----------------------------------------------------------------------------- main entry
+
+
+def make_mock_field(cfg: MockConfig, out_dir: str | Path) -> dict:
+    """Render a mock field and write every file (module docstring). Returns a summary dict with the
+    file paths and counts (also written as ``{cluster}_mock.json``)."""
+    from tqdm.auto import tqdm
+
+    from wlshear.baselines import get_baseline
+    from wlshear.sim.augment import StampParams
+    from wlshear.sim.noise import CorrelatedNoise
+
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.size < 64:
+        raise ValueError(f"mock field size must be >= 64 px, got {cfg.size}")
+    filters = list(cfg.filters)
+    if cfg.masked_rect is not None and cfg.masked_filter not in filters:
+        raise ValueError(f"masked_filter {cfg.masked_filter!r} is not one of the filters {filters}")
+    shape = (int(cfg.size), int(cfg.size))
+    ny, nx = shape
+    ss = np.random.SeedSequence(cfg.seed)
+    pos_seq, par_seq, noise_seq, star_seq, cal_seq = ss.spawn(5)
+    rng = np.random.default_rng(pos_seq)
+    center = ((nx - 1) / 2.0, (ny - 1) / 2.0) if cfg.center is None else tuple(float(v) for v in cfg.center)
+    ps = cfg.pixel_scale
+
+    def lens(x, y):
+        g1, g2, kappa = nfw_reduced_shear((x - center[0]) * ps, (y - center[1]) * ps, cfg.m200, cfg.conc,
+                                          cfg.z_lens, cfg.z_source, kappa_max=cfg.kappa_max)
+        return g1, g2, kappa
+
+    def weak(x, y):
+        g1, g2, kappa = lens(x, y)
+        return np.isfinite(g1) & np.isfinite(g2) & (np.hypot(g1, g2) < cfg.g_max) & (kappa < cfg.kappa_max)
+
+    n_gal, n_star = cfg.n_gal(), int(cfg.n_stars)
+    xy = sample_positions(rng, n_gal + n_star, shape, cfg.min_sep_px, accept=weak)
+    gxy, sxy = xy[:n_gal], xy[n_gal:]
+
+    renderer = build_renderer(cfg)
+    prng = np.random.default_rng(par_seq)
+    g1, g2, kappa = lens(gxy[:, 0], gxy[:, 1])
+    mu = nfw_magnification(g1, g2, kappa) if cfg.magnification else np.ones(n_gal)
+    x0, y0 = stamp_origin(gxy[:, 0], gxy[:, 1], cfg.stamp_size)
+    half = (cfg.stamp_size - 1) / 2.0
+    params = StampParams(
+        galaxy_id=prng.choice(len(renderer.weights), size=n_gal, p=renderer.weights),
+        g1=g1, g2=g2,
+        rotation=prng.uniform(0.0, 2 * np.pi, n_gal),
+        mirror=prng.random(n_gal) < 0.5,
+        mu=mu,
+        dx=gxy[:, 0] - (x0 + half),
+        dy=gxy[:, 1] - (y0 + half),
+    )
+
+    clean = np.zeros(shape, dtype=np.float64)
+    failures = []
+    chunk = 100
+    it = range(0, n_gal, chunk)
+    if cfg.progress:
+        it = tqdm(it, desc=f"mock {cfg.cluster}: rendering {n_gal} galaxies", unit="chunk")
+    for s in it:
+        sub = params.subset(slice(s, s + chunk))
+        imgs, fails = renderer.draw_noiseless(sub, size=cfg.stamp_size)
+        failures += [(int(s + i), msg) for i, msg in fails]
+        add_stamps(clean, imgs, gxy[s : s + chunk, 0], gxy[s : s + chunk, 1])
+    rendered = np.ones(n_gal, dtype=bool)
+    for i, msg in failures:
+        rendered[i] = False
+        log.warning("mock: galaxy %d failed to render and is left out: %s", i, msg)
+
+    # stars: the renderer's PSF at bright magnitudes
+    srng = np.random.default_rng(star_seq)
+    star_mag = srng.uniform(*cfg.star_mag_range, n_star)
+    sx0, sy0 = stamp_origin(sxy[:, 0], sxy[:, 1], cfg.stamp_size)
+    stars = np.empty((n_star, cfg.stamp_size, cfg.stamp_size))
+    for k in range(n_star):
+        flux = 10 ** (-0.4 * (star_mag[k] - ZEROPOINT))
+        stars[k] = renderer.psf.withFlux(flux).drawImage(
+            nx=cfg.stamp_size, ny=cfg.stamp_size, scale=ps,
+            offset=(float(sxy[k, 0] - (sx0[k] + half)), float(sxy[k, 1] - (sy0[k] + half))),
+        ).array
+    add_stamps(clean, stars, sxy[:, 0], sxy[:, 1])
+
+    # correlated noise over the whole field and the depth map
+    noise_model = CorrelatedNoise(cfg.noise_kernel, cfg.noise_scale)
+    sigma = noise_model.sigma
+    if sigma <= 0:
+        raise ValueError("mock fields need noise (noise_scale > 0): the weight maps are 1/sigma^2")
+    noise = noise_model.sample(np.random.default_rng(noise_seq), 1, shape, dtype=np.float64)[0]
+    depth = np.ones(shape)
+    sh = _rect_slices(cfg.shallow_rect, shape)
+    if sh is not None:
+        depth[sh] = cfg.shallow_depth
+    total = clean + noise / np.sqrt(depth)
+    ivar_total = depth / sigma**2
+
+    # per-filter files: identical science images, weights ivar_total / n (module docstring)
+    wcs = make_wcs(shape, cfg.ra0, cfg.dec0, ps)
+    hdr = wcs.to_header()
+    hdr["BUNIT"] = ("ELECTRONS/S", "counts per second (CLASH units)")
+    hdr["PHOTZPT"] = (ZEROPOINT, "AB zero point of 1 count/s")
+    hdr["MOCK"] = (True, "wlshear.clash.mock field")
+    hdr["CLUSTER"] = cfg.cluster
+    hdr["NFWM200"] = (cfg.m200, "Msun")
+    hdr["NFWCONC"] = cfg.conc
+    hdr["ZLENS"] = cfg.z_lens
+    hdr["ZSOURCE"] = cfg.z_source
+    nf = len(filters)
+    bad_truth = np.zeros(shape, dtype=bool)
+    mk = _rect_slices(cfg.masked_rect, shape)
+    nn = _rect_slices(cfg.nan_rect, shape)
+    paths = {"sci": [], "wht": []}
+    for filt in filters:
+        sci = total.astype(np.float32)
+        wht = (ivar_total / nf).astype(np.float32)
+        if mk is not None and filt == cfg.masked_filter:
+            wht[mk] = 50.0
+            bad_truth[mk] = True
+        if nn is not None and filt == filters[0]:
+            sci[nn] = np.nan
+            bad_truth[nn] = True
+        h = hdr.copy()
+        h["FILTER"] = filt.upper()
+        p_sci = out_dir / SCI_PATTERN.format(cluster=cfg.cluster, filter=filt)
+        p_wht = out_dir / WHT_PATTERN.format(cluster=cfg.cluster, filter=filt)
+        fits.PrimaryHDU(sci, header=h).writeto(p_sci, overwrite=True)
+        fits.PrimaryHDU(wht, header=h).writeto(p_wht, overwrite=True)
+        paths["sci"].append(str(p_sci))
+        paths["wht"].append(str(p_wht))
+
+    # truth table
+    cat = renderer.source.catalog
+    gid = params.galaxy_id
+    all_x = np.concatenate([gxy[rendered, 0], sxy[:, 0]])
+    all_y = np.concatenate([gxy[rendered, 1], sxy[:, 1]])
+    ra, dec = wcs.pixel_to_world_values(all_x, all_y)
+    nr = int(rendered.sum())
+    sg1, sg2, skap = lens(sxy[:, 0], sxy[:, 1])
+    ix = np.clip(np.round(all_x).astype(int), 0, nx - 1)
+    iy = np.clip(np.round(all_y).astype(int), 0, ny - 1)
+    truth = Table({
+        "id": np.arange(nr + n_star, dtype=np.int64),
+        "x": all_x, "y": all_y, "ra": ra, "dec": dec,
+        "g1": np.concatenate([g1[rendered], np.zeros(n_star)]),
+        "g2": np.concatenate([g2[rendered], np.zeros(n_star)]),
+        "g1_lens": np.concatenate([g1[rendered], sg1]),
+        "g2_lens": np.concatenate([g2[rendered], sg2]),
+        "kappa": np.concatenate([kappa[rendered], skap]),
+        "mu": np.concatenate([mu[rendered], np.ones(n_star)]),
+        "mag": np.concatenate([cat["mag"][gid[rendered]] - 2.5 * np.log10(mu[rendered]), star_mag]),
+        "hlr": np.concatenate([cat["hlr_px"][gid[rendered]] * np.sqrt(mu[rendered]), np.zeros(n_star)]),
+        "is_star": np.concatenate([np.zeros(nr, bool), np.ones(n_star, bool)]),
+        "galaxy_id": np.concatenate([gid[rendered], np.full(n_star, -1)]),
+        "in_mask": bad_truth[iy, ix],
+        "depth": depth[iy, ix],
+    })
+    truth.meta["COMMENT"] = ["g1/g2: reduced shear applied (0 for stars); g1_lens/g2_lens: NFW at the position"]
+    truth_path = out_dir / f"{cfg.cluster}_truth.fits"
+    truth.write(truth_path, overwrite=True)
+
+    # baseline catalogue: moments on 32 px stamps of the total image at the true galaxy positions
+    img_for_stamps = np.where(bad_truth, 0.0, total)
+    img_for_stamps[~np.isfinite(img_for_stamps)] = 0.0
+    gal = ~truth["is_star"]
+    stamps, _, sflags = extract_stamps(img_for_stamps, truth["x"][gal], truth["y"][gal], 32)
+    if cfg.baseline_response is None:
+        cal = measure_baseline_response(renderer, noise_model, cfg.n_calib, seed=int(cal_seq.generate_state(1)[0]))
+        response = cal["response"]
+    else:
+        cal = {"response": float(cfg.baseline_response), "configured": True}
+        response = float(cfg.baseline_response)
+    if not response > 0:
+        raise ValueError(f"baseline response must be > 0, got {response}")
+    inside = sflags == 0
+    chi = np.full((int(gal.sum()), 2), np.nan)
+    failed = np.ones(int(gal.sum()), dtype=bool)
+    if inside.any():
+        chi[inside], failed[inside] = get_baseline("moments").estimate(stamps[inside])
+    gb = chi / response
+    t_gal = truth[gal]
+    keep = ~failed & np.isfinite(gb).all(axis=1) & ~np.asarray(t_gal["in_mask"])
+    base = Table({
+        "ID": np.asarray(t_gal["id"])[keep],
+        "RA": np.asarray(t_gal["ra"])[keep],
+        "DEC": np.asarray(t_gal["dec"])[keep],
+        "G1": gb[keep, 0],
+        "G2": gb[keep, 1],
+        "MAG": np.asarray(t_gal["mag"])[keep],
+    })
+    base.meta["ESTIMAT"] = "moments"
+    base.meta["RESPONSE"] = response
+    cat_path = out_dir / f"{cfg.cluster}_wl_catalogue.fits"
+    base.write(cat_path, overwrite=True)
+
+    summary = {
+        "cluster": cfg.cluster,
+        "out_dir": str(out_dir),
+        "shape": list(shape),
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "center": list(center),
+        "truth": {"m200": cfg.m200, "conc": cfg.conc, "z_lens": cfg.z_lens, "z_source": cfg.z_source,
+                  "center": list(center), "magnification": cfg.magnification},
+        "n_galaxies": nr,
+        "n_render_failed": len(failures),
+        "n_stars": n_star,
+        "n_baseline": int(len(base)),
+        "baseline_calibration": cal,
+        "noise_sigma_pixel": sigma,
+        "ivar_nominal": 1.0 / sigma**2,
+        "weight_per_filter": 1.0 / sigma**2 / nf,
+        "regions": {
+            "shallow": None if sh is None else [sh[1].start, sh[0].start, sh[1].stop, sh[0].stop],
+            "masked": None if mk is None else [mk[1].start, mk[0].start, mk[1].stop, mk[0].stop],
+            "nan": None if nn is None else [nn[1].start, nn[0].start, nn[1].stop, nn[0].stop],
+            "region_format": "[x_start, y_start, x_stop, y_stop] pixels (stop exclusive)",
+        },
+        "files": {"sci": paths["sci"], "wht": paths["wht"], "truth": str(truth_path), "catalogue": str(cat_path)},
+        "wall_time_s": time.time() - t0,
+    }
+    js = out_dir / f"{cfg.cluster}_mock.json"
+    summary["files"]["summary"] = str(js)
+    js.write_text(json.dumps(summary, indent=2, default=float))
+    return summary
+
+
+def _ftype(n: int):
+    """argparse type: 'a b ...' (n numbers, spaces or commas) or none/off -> tuple | None."""
+    def conv(s):
+        return _floats(s, n)
+    conv.__name__ = f"{n} numbers or none"
+    return conv
+
+
+def _floats(s: str, n: int | None = None):
+    if s is None or str(s).lower() in ("none", "null", "off"):
+        return None
+    vals = tuple(float(v) for v in str(s).replace(",", " ").split())
+    if n is not None and len(vals) != n:
+        raise argparse.ArgumentTypeError(f"expected {n} numbers, got {s!r}")
+    return vals
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m wlshear.clash.mock",
+        description="Render a mock CLASH cluster field (7 filters + weights, baseline catalogue, truth).",
+    )
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--cluster", default="mock", help="cluster name used in the file names")
+    ap.add_argument("--size", type=int, default=1200, help="field side in pixels (0.065\"/px)")
+    ap.add_argument("--n-galaxies", type=int, default=None, help="default: 800 x (size/1200)^2")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--m200", type=float, default=6e14, help="NFW M200 [Msun]")
+    ap.add_argument("--conc", type=float, default=4.0, help="NFW concentration")
+    ap.add_argument("--z-lens", type=float, default=0.3)
+    ap.add_argument("--z-source", type=float, default=1.0)
+    ap.add_argument("--center", default=None, type=_ftype(2), help="'x y' lens centre in pixels (default: image centre)")
+    ap.add_argument("--no-magnification", action="store_true", help="mu = 1 for every galaxy")
+    ap.add_argument("--n-stars", type=int, default=12)
+    ap.add_argument("--star-mags", default="18.5 22.5", type=_ftype(2), help="'lo hi' star magnitude range")
+    ap.add_argument("--source", default="parametric", choices=["parametric", "cosmos", "cosmos_parametric"])
+    ap.add_argument("--catalog-dir", default=None, help="GalSim COSMOS catalogue directory")
+    ap.add_argument("--noise-kernel", default=None, help="noise kernel .npy/.txt (default: embedded CLASH)")
+    ap.add_argument("--noise-scale", type=float, default=1.0)
+    ap.add_argument("--stamp-size", type=int, default=64, help="side of each galaxy's drawn stamp [px]")
+    ap.add_argument("--min-sep", type=float, default=20.0, help="minimum separation of objects [px]")
+    ap.add_argument("--shallow", default="0 0 0.22 0.22", type=_ftype(4), help="'x0 y0 w h' (field fractions) or none")
+    ap.add_argument("--shallow-depth", type=float, default=1 / 3)
+    ap.add_argument("--masked", default="0.78 0 0.22 0.12", type=_ftype(4), help="'x0 y0 w h' weight<100 region or none")
+    ap.add_argument("--nan", default="0.45 0.88 0.04 0.04", type=_ftype(4), help="'x0 y0 w h' NaN region or none")
+    ap.add_argument("--baseline-response", type=float, default=None,
+                    help="divide moments chi by this (default: measure on --n-calib simulated stamps)")
+    ap.add_argument("--n-calib", type=int, default=1000)
+    ap.add_argument("--ra", type=float, default=42.014, help="RA of the image centre [deg]")
+    ap.add_argument("--dec", type=float, default=-3.529, help="Dec of the image centre [deg]")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = MockConfig(
+        cluster=args.cluster, size=args.size, n_galaxies=args.n_galaxies, seed=args.seed, m200=args.m200,
+        conc=args.conc, z_lens=args.z_lens, z_source=args.z_source, center=args.center,
+        magnification=not args.no_magnification, n_stars=args.n_stars, star_mag_range=args.star_mags,
+        source=args.source, catalog_dir=args.catalog_dir, noise_kernel=args.noise_kernel,
+        noise_scale=args.noise_scale, stamp_size=args.stamp_size, min_sep_px=args.min_sep,
+        shallow_rect=args.shallow, shallow_depth=args.shallow_depth,
+        masked_rect=args.masked, nan_rect=args.nan,
+        baseline_response=args.baseline_response, n_calib=args.n_calib, ra0=args.ra, dec0=args.dec,
+        progress=not args.no_progress,
+    )
+    s = make_mock_field(cfg, args.out)
+    print(
+        f"wrote mock field {s['cluster']} ({s['shape'][1]}x{s['shape'][0]} px, {s['n_galaxies']} galaxies, "
+        f"{s['n_stars']} stars, {s['n_baseline']} baseline shapes, moments response "
+        f"{s['baseline_calibration']['response']:.3f}) to {s['out_dir']} in {s['wall_time_s']:.1f} s\n"
+        f"  truth: {s['files']['truth']}\n  catalogue: {s['files']['catalogue']}\n  summary: {s['files']['summary']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
