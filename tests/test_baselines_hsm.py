@@ -38,3 +38,23 @@ def test_failures_are_flagged(cls):
     g, failed = cls().estimate(stamps)
     assert failed.tolist() == [False, True, True]
     assert np.all(np.isfinite(g[0])) and np.all(np.isnan(g[1:]))
+
+
+def test_unphysical_ksb_estimates_are_flagged_not_kept():
+    import galsim
+
+    from wlshear.baselines.hsm import KSBEstimator
+
+    # a faint, barely resolved galaxy in strong noise: KSB often returns |g| >> 1
+    rng = np.random.default_rng(3)
+    gal = galsim.Convolve(galsim.Gaussian(sigma=0.03, flux=0.2), galsim.Gaussian(fwhm=0.121))
+    img = gal.drawImage(nx=32, ny=32, scale=0.065).array
+    stamps = img[None] + rng.normal(0, 0.006, (60, 32, 32))
+    g_keep, f_keep = KSBEstimator(max_abs_g=None).estimate(stamps)
+    g_cut, f_cut = KSBEstimator().estimate(stamps)
+    wild = ~f_keep & (np.hypot(g_keep[:, 0], g_keep[:, 1]) >= 1)
+    assert wild.sum() >= 3  # the set really provokes unphysical estimates
+    assert np.all(f_cut[wild])  # every wild estimate is now a counted failure
+    ok = ~f_cut
+    assert np.all(np.hypot(g_cut[ok, 0], g_cut[ok, 1]) < 1)
+    assert f_cut.sum() == f_keep.sum() + wild.sum()

@@ -48,6 +48,9 @@ class HSMEstimator:
     pixel_scale : arcsec / px (default 0.065).
     guess_sig_psf, guess_sig_gal : initial Gaussian sigmas in pixels for HSM's adaptive moments.
     strict : passed to GalSim; with False failures are reported in ``error_message``.
+    max_abs_g : estimates with |g| >= this are unphysical (KSB's response division blows up on
+        noisy, barely resolved galaxies) and are flagged as failures, counted like any other;
+        None keeps them.
     """
 
     name = "hsm"
@@ -60,8 +63,10 @@ class HSMEstimator:
         guess_sig_psf: float = 0.8,
         guess_sig_gal: float = 2.0,
         strict: bool = False,
+        max_abs_g: float | None = 1.0,
     ):
         self.shear_est = shear_est
+        self.max_abs_g = None if max_abs_g is None else float(max_abs_g)
         self.psf_fwhm = float(psf_fwhm)
         self.pixel_scale = float(pixel_scale)
         self.guess_sig_psf = float(guess_sig_psf)
@@ -107,6 +112,8 @@ class HSMEstimator:
                 return None
             g = e / (1.0 + np.sqrt(1.0 - e2))
         if not np.all(np.isfinite(g)):
+            return None
+        if self.max_abs_g is not None and float(np.hypot(*g)) >= self.max_abs_g:
             return None
         return g
 

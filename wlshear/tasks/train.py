@@ -6,7 +6,16 @@ Run-directory outputs:
 - ``estimator.pt`` (trained net, no refit) and ``estimator_refit.pt`` (refit + calibration):
   self-contained files for ``wlshear.load_estimator``;
 - ``metrics.json``: validation MSE, refit diagnostics and m, c, sigma per component on the test set;
-- ``shear_scatter.png``: estimated vs true shear on the test set.
+- ``shear_scatter.png``: estimated vs true shear on the test set;
+- ``stamps_train.png`` / ``stamps_val.png``: grids of augmented training and validation stamps
+  (also logged as images to TensorBoard / wandb when those loggers are configured);
+- ``wandb_id.txt``: the wandb run id (with the wandb logger), so a resumed run continues it.
+
+Resume: ``ckpt_path=<run>/checkpoints/last.ckpt`` continues the epoch counter, optimiser, LR
+scheduler and training stream (new run dir; the wandb run id is read from ``<run>/wandb_id.txt``).
+With ``auto_resume: true`` a job restarted in the same run dir (SLURM requeue, submitit
+resubmission, fixed ``hydra.run.dir``) continues from its own ``checkpoints/last.ckpt`` (or
+Lightning's ``hpc_ckpt_*.ckpt``). Only global rank 0 writes run-dir files.
 """
 
 from __future__ import annotations
@@ -29,9 +38,175 @@ from wlshear.utils.hydra import instantiate_group, print_config_tree, save_resol
 
 log = logging.getLogger(__name__)
 
+WANDB_ID_FILE = "wandb_id.txt"
+
+
+def _launch_rank() -> int:
+    """Global rank of this process as known before torch.distributed starts (env of srun/Lightning)."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
+def check_required(cfg: DictConfig) -> None:
+    """Stop early, naming the keys, when mandatory values (``???``) are unset or a 'matched'
+    population has no ``data.target_catalog``."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(
+            "these config values are required but unset: " + ", ".join(missing)
+            + ". Pass them on the command line, e.g. `python train.py experiment=paper_clash "
+            "data.target_catalog=/path/to/clash_mag_hlr.csv` (the CLASH (mag, hlr_px) table)."
+        )
+    data = cfg.get("data") or {}
+    matched = [k for k in ("train_population", "eval_population") if data.get(k) == "matched"]
+    if matched and not data.get("target_catalog"):
+        raise ValueError(
+            f"data.{matched[0]}=matched needs data.target_catalog: the CLASH (mag, hlr_px) table (FITS or "
+            "CSV, columns `mag` at zero-point 25.4193 and `hlr_px` in 0.065\" pixels) whose population the "
+            "stamps are matched to. Pass data.target_catalog=/path/to/table, or data.eval_population=natural."
+        )
+
+
+def resolve_ckpt_path(cfg: DictConfig, out_dir: Path) -> str | None:
+    """Checkpoint to resume from: ``cfg.ckpt_path`` if set, else (``auto_resume``) this run dir's own.
+
+    A job restarted in the same run dir (SLURM requeue, submitit resubmission) continues from
+    Lightning's ``hpc_ckpt_*.ckpt`` (picked up by Lightning itself under SLURM) or from
+    ``checkpoints/last.ckpt``.
+    """
+    ckpt = cfg.get("ckpt_path")
+    if ckpt:
+        if ckpt not in ("last", "best", "hpc", "registry") and not Path(ckpt).is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt} does not exist; pass the path of a Lightning "
+                                    "checkpoint such as <run dir>/checkpoints/last.ckpt")
+        return str(ckpt)
+    if not cfg.get("auto_resume", False):
+        return None
+    if any(out_dir.glob("hpc_ckpt_*.ckpt")):
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        return None if SLURMEnvironment.detect() else "hpc"
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        log.info("auto_resume: continuing from %s", last)
+        return str(last)
+    return None
+
+
+def _run_dir_of_checkpoint(ckpt: str | None) -> Path | None:
+    if not ckpt or ckpt in ("last", "best", "hpc", "registry"):
+        return None
+    p = Path(ckpt).resolve()
+    return p.parent.parent if p.parent.name == "checkpoints" else p.parent
+
+
+def wandb_run_id(out_dir: Path, ckpt_path: str | None, configured: str | None) -> tuple[str, bool]:
+    """(run id, resuming) for the wandb logger.
+
+    Order: an id set in the config; ``wandb_id.txt`` in this run dir (restarted job); the one next to
+    the resumed checkpoint's run dir; else a new id.
+    """
+    if configured:
+        return str(configured), True
+    for d in (out_dir, _run_dir_of_checkpoint(ckpt_path)):
+        if d is not None and (d / WANDB_ID_FILE).is_file():
+            rid = (d / WANDB_ID_FILE).read_text().strip()
+            if rid:
+                log.info("wandb: continuing run %s (from %s)", rid, d / WANDB_ID_FILE)
+                return rid, True
+    import secrets
+    import string
+
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8)), False
+
+
+def build_loggers(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> list:
+    """Instantiate ``cfg.logger``; the wandb logger gets a stable run id (stored in ``wandb_id.txt``)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    loggers = []
+    for name, conf in (cfg.get("logger") or {}).items():
+        if not (isinstance(conf, DictConfig) and "_target_" in conf):
+            continue
+        log.info("instantiating %s <%s>", name, conf._target_)
+        kwargs = {}
+        target = str(conf._target_)
+        if target.endswith("WandbLogger"):
+            rid, resuming = wandb_run_id(out_dir, ckpt_path, conf.get("id"))
+            kwargs["id"] = rid
+            if resuming:
+                kwargs["resume"] = "allow"
+            if _launch_rank() == 0:
+                (out_dir / WANDB_ID_FILE).write_text(rid + "\n")
+        lg = instantiate(conf, **kwargs)
+        if isinstance(lg, WandbLogger):
+            log.info("wandb run id %s (%s)", kwargs["id"], "offline" if lg._offline else "online")
+        loggers.append(lg)
+    return loggers
+
+
+def log_images(loggers: list, images: dict[str, Path], step: int) -> None:
+    """Send PNGs to image-capable loggers: wandb ``log_image``, TensorBoard ``add_image``."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    for lg in loggers:
+        for key, path in images.items():
+            if not Path(path).is_file():
+                continue
+            try:
+                if isinstance(lg, WandbLogger):
+                    lg.log_image(key=key, images=[str(path)], step=step)
+                elif isinstance(lg, TensorBoardLogger):
+                    import matplotlib.image as mpimg
+
+                    img = mpimg.imread(str(path))[..., :3]
+                    lg.experiment.add_image(key, img, global_step=step, dataformats="HWC")
+                    lg.experiment.flush()
+            except Exception as exc:  # never lose a finished run over an image upload
+                log.warning("could not log image %s to %s: %s", key, type(lg).__name__, exc)
+
+
+def _stamp_grids(dm, out_dir: Path, n: int = 16) -> dict[str, Path]:
+    """PNG grids of the first training (augmented) and validation stamps with their shears."""
+    from itertools import islice
+
+    from wlshear.metrics.plots import plot_stamp_grid
+
+    out = {}
+    try:
+        items = list(islice(iter(dm.train_set), n)) if dm.train_set is not None else []
+        if items:
+            xs = np.stack([x.numpy() for x, *_ in items])
+            titles = [f"{y[0]:+.2f},{y[1]:+.2f}" for _, y, *_ in items]
+            out["stamps/train"] = plot_stamp_grid(xs, out_dir / "stamps_train.png", titles=titles)
+        val = dm.val_set
+        if val is not None and len(val):
+            k = min(n, len(val))
+            titles = [f"{g[0]:+.2f},{g[1]:+.2f}" for g in val.batch.shear[:k]]
+            out["stamps/val"] = plot_stamp_grid(np.asarray(val.stamps[:k]), out_dir / "stamps_val.png",
+                                                titles=titles)
+    except Exception as exc:
+        log.warning("stamp grids not written: %s", exc)
+    return out
+
+
+def finish_loggers(loggers: list) -> None:
+    """Close experiment runs so the next job of an in-process multirun starts a new one."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for lg in loggers:
+        try:
+            lg.finalize("success")
+            if isinstance(lg, WandbLogger) and lg._experiment is not None:
+                lg._experiment.finish()
+        except Exception as exc:
+            log.warning("closing logger %s: %s", type(lg).__name__, exc)
+
 
 def _predict(estimator: ShearEstimator, stamps: torch.Tensor, symmetrize: bool) -> np.ndarray:
-    return estimator.predict(stamps, symmetrize=symmetrize, batch_size=2048)
+    return estimator.predict(stamps, symmetrize=symmetrize, batch_size=256)
 
 
 def evaluate_estimator(estimator: ShearEstimator, test_set, symmetrize: bool = True) -> dict:
@@ -53,11 +228,15 @@ def evaluate_estimator(estimator: ShearEstimator, test_set, symmetrize: bool = T
 def run(cfg: DictConfig) -> dict:
     """Train, refit, evaluate. Returns the metrics dict (also written to metrics.json)."""
     t0 = time.time()
+    check_required(cfg)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_resolved_config(cfg, out_dir)
-    if cfg.get("extras", {}).get("print_config", False):
-        print_config_tree(cfg, save_to=out_dir / "config_tree.txt")
+    rank0 = _launch_rank() == 0
+    if rank0:
+        save_resolved_config(cfg, out_dir)
+        if cfg.get("extras", {}).get("print_config", False):
+            print_config_tree(cfg, save_to=out_dir / "config_tree.txt")
+    ckpt_path = resolve_ckpt_path(cfg, out_dir)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("medium")
 
@@ -66,7 +245,7 @@ def run(cfg: DictConfig) -> dict:
     log.info("building model <%s>", cfg.model._target_)
     model = instantiate(cfg.model)
     callbacks = instantiate_group(cfg.get("callbacks"))
-    loggers = instantiate_group(cfg.get("logger"))
+    loggers = build_loggers(cfg, out_dir, ckpt_path)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     hp = OmegaConf.to_container(cfg, resolve=True)
     for lg in loggers:
@@ -74,7 +253,8 @@ def run(cfg: DictConfig) -> dict:
 
     metrics: dict = {"run_dir": str(out_dir)}
     if cfg.get("train", True):
-        trainer.fit(model=model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model=model, datamodule=dm, ckpt_path=ckpt_path)
+        metrics["resumed_from"] = ckpt_path
     ckpt_cb = trainer.checkpoint_callback
     best = ckpt_cb.best_model_path if ckpt_cb is not None else ""
     if best:
@@ -82,7 +262,7 @@ def run(cfg: DictConfig) -> dict:
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         model.load_state_dict(state)
         metrics["best_checkpoint"] = best
-    if not trainer.is_global_zero:
+    if not trainer.is_global_zero:  # ranks > 0 stop here: only rank 0 evaluates and writes files
         return metrics
 
     dm.setup("validate")
@@ -107,12 +287,17 @@ def run(cfg: DictConfig) -> dict:
         # (never on the test set)
         est = ShearEstimator(new_net, metadata=meta)
         cal = fit_bias(refit.batch.shear, est.predict(refit.stamps, symmetrize=cfg.evaluate.symmetrize))
-        est.set_calibration(m1=cal.m[0], c1=cal.c[0], m2=cal.m[1], c2=cal.c[1])
+        try:
+            est.set_calibration(m1=cal.m[0], c1=cal.c[0], m2=cal.m[1], c2=cal.c[1])
+        except ValueError as exc:  # e.g. an under-trained net with 1 + m <= 0: keep the run's results
+            log.warning("refit calibration not applied (%s); estimator_refit.pt is uncalibrated", exc)
+            metrics["calibration_error"] = str(exc)
         est.metadata["calibration_fit"] = cal.as_dict()
         est.metadata["refit"] = metrics["refit"]
         est.save(out_dir / "estimator_refit.pt")
         ckpt = {"state_dict": {f"net.{k}": v for k, v in new_net.state_dict().items()},
-                "hyper_parameters": dict(model.hparams), "refit": metrics["refit"]}
+                "hyper_parameters": dict(model.hparams),
+                "refit": {k: (np.asarray(v).tolist() if np.ndim(v) else float(v)) for k, v in metrics["refit"].items()}}
         (out_dir / "checkpoints").mkdir(exist_ok=True)
         torch.save(ckpt, out_dir / "checkpoints" / "refit.ckpt")
         estimator = est
@@ -137,7 +322,14 @@ def run(cfg: DictConfig) -> dict:
         for name, r in results.items():
             log.info("%-14s m1=%+.3f+-%.3f m2=%+.3f+-%.3f c1=%+.4f c2=%+.4f sigma1=%.4f sigma2=%.4f", name,
                      r["m1"], r["m1_err"], r["m2"], r["m2_err"], r["c1"], r["c2"], r["sigma1"], r["sigma2"])
+    images = _stamp_grids(dm, out_dir)
+    if (out_dir / "shear_scatter.png").is_file():
+        images["calibration/shear_scatter"] = out_dir / "shear_scatter.png"
+    log_images(loggers, images, step=trainer.global_step)
+    metrics["epochs_completed"] = trainer.current_epoch
+    metrics["global_step"] = trainer.global_step
     metrics["wall_time_s"] = time.time() - t0
     write_json(metrics, out_dir / "metrics.json")
     log.info("wrote %s", out_dir / "metrics.json")
+    finish_loggers(loggers)
     return metrics
