@@ -1,14 +1,23 @@
 """Speed and accuracy of the torch renderer against the GalSim backend.
 
-Usage: python benchmarks/render_torch.py [--n-speed 256] [--n-acc 300] [--repeats 3] [--out FILE]
+Usage: python benchmarks/render_torch.py [--n-speed 256 1024] [--n-acc 500] [--repeats 5]
+                                         [--n-stream 2000] [--out FILE]
 
-Per source (parametric always; real COSMOS when ../shared/data/cosmos_real_100 exists):
+Per source (parametric with GalSim's default GSParams, parametric with the training config's
+GSParams, and real COSMOS when ../shared/data/cosmos_real_100 exists):
 - stamps/s of the GalSim backend and of the torch backend on one CPU thread
-  (torch.set_num_threads(1)), median of ``repeats`` draws of the same ``n_speed`` stamps; the
-  torch figure excludes the one-time galaxy preparation, which is reported per galaxy;
+  (torch.set_num_threads(1)); the two are timed alternately in the same run (the machine is
+  shared, so single timings are noisy), median of ``repeats`` draws of the same ``n_speed``
+  stamps; the torch figure excludes the one-time galaxy preparation, which is reported per
+  galaxy (cold draw minus warm draw, divided by the number of distinct galaxies), and the
+  one-time per-process set-up (radial tables of the analytic path) is reported separately;
 - accuracy on ``n_acc`` noiseless stamps (before mask): max |torch - GalSim| / stamp peak,
   adaptive-moment (galsim.hsm.FindAdaptiveMom, observed_shape distortion e1, e2) difference:
   max per-stamp |de| and mean de.
+End to end: the training stream (ShearStream through EpochLoader, batch 100, num_workers=0,
+parametric source, training config: homogenised population, CLASH noise, config GSParams) over
+``n_stream`` stamps per backend, from fresh source objects and empty torch caches, so
+preparation (and the radial tables) are included.
 The printed report is also appended to benchmarks/RESULTS_render_torch.md (or --out).
 """
 
@@ -45,35 +54,47 @@ def _e(img):
     return (res.observed_shape.e1, res.observed_shape.e2)
 
 
-def _median_time(fn, repeats):
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+GSP_CONFIG = dict(minimum_fft_size=64, folding_threshold=1e-2, maxk_threshold=3e-3)  # conf/data/default.yaml
 
 
-def bench_source(name, source, args):
-    r = StampRenderer(source, noise=None, backend="torch")
-    size = r.stamp_size
-    # speed
-    p = r.sample_params(np.random.default_rng(1), args.n_speed)
-    _galsim_backend(r, p, size)  # warm GalSim's own per-galaxy caches
-    t_gs = _median_time(lambda: _galsim_backend(r, p, size), args.repeats)
-    torch_render.CACHE.clear()
-    n_gal = len(np.unique(p.galaxy_id))
+def _timed(fn):
     t0 = time.perf_counter()
-    torch_render.draw_batch(r, p, size)
-    t_first = time.perf_counter() - t0
-    t_t = _median_time(lambda: torch_render.draw_batch(r, p, size), args.repeats)
-    prep_per_gal = max(t_first - t_t, 0.0) / n_gal
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_source(name, make_source, args, gsparams=None):
+    torch_render.clear_caches(tables=True)
+    r = StampRenderer(make_source(), noise=None, backend="torch", gsparams=gsparams)
+    size = r.stamp_size
     print(f"## source {name}")
-    print(f"speed: N = {args.n_speed} stamps per batch ({n_gal} distinct galaxies), median of {args.repeats}, 1 thread")
-    print(f"  GalSim backend : {args.n_speed / t_gs:9.1f} stamps/s")
-    print(f"  torch backend  : {args.n_speed / t_t:9.1f} stamps/s (prepared galaxies cached)")
-    print(f"  ratio torch/GalSim = {t_gs / t_t:.2f}x")
-    print(f"  one-time preparation: {prep_per_gal * 1e3:.1f} ms per galaxy")
+    for n_speed in args.n_speed:
+        p = r.sample_params(np.random.default_rng(1), n_speed)
+        n_gal = len(np.unique(p.galaxy_id))
+        _galsim_backend(r, p, size)  # warm GalSim's own per-galaxy caches
+        t_first = _timed(lambda: torch_render.draw_batch(r, p, size))  # + radial tables if new
+        torch_render.clear_caches()
+        t_cold = _timed(lambda: torch_render.draw_batch(r, p, size))  # prepares every galaxy
+        t_gs, t_t = [], []
+        for _ in range(args.repeats):  # alternate the two backends
+            t_gs.append(_timed(lambda: _galsim_backend(r, p, size)))
+            t_t.append(_timed(lambda: torch_render.draw_batch(r, p, size)))
+        t_gs, t_t = statistics.median(t_gs), statistics.median(t_t)
+        prep_per_gal = max(t_cold - t_t, 0.0) / n_gal
+        print(f"speed: N = {n_speed} stamps per batch ({n_gal} distinct galaxies), median of {args.repeats} "
+              f"alternating repeats, 1 thread")
+        print(f"  GalSim backend : {n_speed / t_gs:9.1f} stamps/s")
+        print(f"  torch backend  : {n_speed / t_t:9.1f} stamps/s (prepared galaxies cached)")
+        print(f"  ratio torch/GalSim = {t_gs / t_t:.1f}x")
+        print(f"  one-time preparation: {prep_per_gal * 1e3:.2f} ms per galaxy; per-process set-up "
+              f"(radial tables, grids): {max(t_first - t_cold, 0.0):.2f} s")
+        print(f"  torch incl. preparation of every galaxy (each used once): {n_speed / t_cold:9.1f} stamps/s "
+              f"= {t_gs / t_cold:.1f}x GalSim")
+    kinds = {}
+    for g in np.unique(p.galaxy_id):
+        k = type(torch_render.prepared(r, int(g))).__name__
+        kinds[k] = kinds.get(k, 0) + 1
+    print(f"  prepared galaxies by path: {kinds}")
     # accuracy
     pa = r.sample_params(np.random.default_rng(2), args.n_acc)
     g, fg = _galsim_backend(r, pa, size)
@@ -90,16 +111,45 @@ def bench_source(name, source, args):
     print(f"  max |residual| / peak : max {res.max():.2e}, median {np.median(res):.2e}")
     print(f"  |de| per stamp        : max {ade.max():.2e}, 99th pct {np.percentile(ade, 99):.2e}, "
           f"fraction > 1e-3 = {np.mean(ade > 1e-3):.3f}")
-    print(f"  mean de (e1, e2)      : ({de[good, 0].mean():+.2e}, {de[good, 1].mean():+.2e})")
+    print(f"  mean de (e1, e2)      : ({de[good, 0].mean():+.2e}, {de[good, 1].mean():+.2e}) "
+          f"+- ({de[good, 0].std() / np.sqrt(good.sum()):.1e}, {de[good, 1].std() / np.sqrt(good.sum()):.1e})")
     print(f"  flux ratio torch/GalSim (median): {np.median(t[ok].sum((1, 2)) / g[ok].sum((1, 2))):.6f}")
+    print()
+
+
+def bench_stream(args):
+    """End-to-end training stream (DataModule's ShearStream + EpochLoader), preparation included."""
+    from wlshear.data.datamodule import ShearDataModule
+    from wlshear.data.datasets import EpochLoader, ShearStream
+
+    print(f"## end-to-end training stream: parametric source, ShearStream over {args.n_stream} stamps, "
+          f"EpochLoader batch 100, num_workers=0, homogenised population, CLASH noise, config GSParams "
+          f"{GSP_CONFIG}; fresh source and empty torch caches per run (preparation included)")
+    bins = [[22.0, 24.0], [24.0, 25.5], [25.5, 27.0]]
+    for chunk in args.stream_chunks:
+        rates = {}
+        for backend in ("galsim", "torch"):
+            torch_render.clear_caches(tables=True)
+            dm = ShearDataModule(ParametricSource(), backend=backend, num_workers=0, gsparams=GSP_CONFIG,
+                                 mag_bins=bins, samples_per_epoch=args.n_stream, chunk=chunk, seed=0)
+            loader = EpochLoader(ShearStream(dm.train_renderer, args.n_stream, seed=0, chunk=chunk),
+                                 batch_size=100, num_workers=0)
+            t0 = time.perf_counter()
+            k = sum(len(x) for x, _ in loader)
+            rates[backend] = k / (time.perf_counter() - t0)
+        print(f"  chunk (stamps rendered per call) {chunk:4d}: GalSim {rates['galsim']:8.1f} stamps/s, "
+              f"torch {rates['torch']:8.1f} stamps/s, ratio {rates['torch'] / rates['galsim']:.1f}x")
     print()
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n-speed", type=int, default=256)
-    ap.add_argument("--n-acc", type=int, default=300)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--n-speed", type=int, nargs="+", default=[256, 1024])
+    ap.add_argument("--n-acc", type=int, default=500)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--n-stream", type=int, default=2000, help="stamps of the end-to-end stream (0 = skip)")
+    ap.add_argument("--stream-chunks", type=int, nargs="+", default=[50, 256],
+                    help="ShearStream chunk sizes to measure (conf/data/default.yaml uses 50)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "RESULTS_render_torch.md"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -119,14 +169,19 @@ def main(argv=None):
         print(f"versions: python {platform.python_version()}, torch {torch.__version__}, galsim {galsim.__version__}, "
               f"numpy {np.__version__}")
         print(f"torch renderer settings: {torch_render.SETTINGS}")
-        print(f"command: python benchmarks/render_torch.py --n-speed {args.n_speed} --n-acc {args.n_acc} "
-              f"--repeats {args.repeats}")
+        print(f"command: python benchmarks/render_torch.py --n-speed {' '.join(map(str, args.n_speed))} "
+              f"--n-acc {args.n_acc} --repeats {args.repeats} --n-stream {args.n_stream} "
+              f"--stream-chunks {' '.join(map(str, args.stream_chunks))}")
         print()
-        bench_source("parametric", ParametricSource(), args)
+        bench_source("parametric (GalSim default GSParams)", ParametricSource, args)
+        bench_source(f"parametric (config GSParams {GSP_CONFIG})", lambda: ParametricSource(gsparams=GSP_CONFIG),
+                     args, gsparams=GSP_CONFIG)
         if COSMOS_DIR.exists():
-            bench_source("cosmos (real, cosmos_real_100)", CosmosSource(COSMOS_DIR), args)
+            bench_source("cosmos (real, cosmos_real_100)", lambda: CosmosSource(COSMOS_DIR), args)
         else:
             print(f"cosmos: skipped ({COSMOS_DIR} absent)")
+        if args.n_stream > 0:
+            bench_stream(args)
     if args.out:
         with open(args.out, "a") as f:
             f.write("\n```\n" + buf.getvalue() + "```\n")

@@ -9,36 +9,65 @@ factor and noise are the renderer's shared post-processing and are not applied h
 
 Method
 ------
-1. Preparation, once per galaxy (cached per source object and galaxy id, in this process only):
-   GalSim samples the Fourier transform F(q) of the unlensed galaxy profile on a square grid
-   (``gal.drawKImage``) with spacing dq = 2 pi / (oversample * L) [rad / arcsec], where L is
-   the galaxy's real-space extent (GalSim's ``2 pi / stepk``, capped at ``max_extent``
-   arcsec) and out to |q| = Q, the largest frequency any allowed lensing/magnification can map
-   onto a frequency the PSF and pixel let through. Only the half plane q_x >= 0 (plus two
-   columns for interpolation taps) is kept: F(-q) = conj F(q) for a real profile.
-2. Per batch: the mirror M = diag(-1, 1), rotation R(theta), shear S(g) and magnification are
-   one linear map of real-space coordinates, A = sqrt(mu) S(g) R(theta) M; the transformed
-   profile f'(x) = f(A^-1 x) has F'(k) = |det A| F(A^T k) (flux scales by mu, as GalSim's
-   ``lens``). F is resampled at A^T k by cubic B-spline interpolation (prefiltered at
-   preparation; four bilinear ``grid_sample`` fetches per point) on the half-plane k-grid of a fine real-space grid (spacing p/2, period ``period`` pixels), then
-   multiplied by the PSF transform, the pixel transfer function sinc(k_x p/2pi) sinc(k_y p/2pi)
-   and the shift phase exp(i k . x0); frequencies beyond the fine grid's Nyquist are negligible
-   after PSF x pixel (< ``k_eps``) and dropped. Sub-sampling the fine grid at the pixel centres
-   is a fold of the spectrum onto the pixel grid's frequencies, followed by one small inverse
-   real FFT; the output is the top-left ``size x size`` crop.
+Every stamp applies one linear map of real-space coordinates to its galaxy,
+A = sqrt(mu) S(g) R(theta) M (mirror M = diag(-1, 1), rotation R, shear S, magnification mu);
+the transformed profile f'(x) = f(A^-1 x) has F'(k) = |det A| F(A^T k) (flux scales by mu, as
+GalSim's ``lens``). The stamp is sum_k F'(k) T(k) exp(i k . x) over a k-grid, with T the PSF x
+pixel transfer function.
+
+1. Preparation, once per galaxy (cached per source object and galaxy id, in this process only).
+
+   *Analytic galaxies* (any sum of sheared / dilated / flux-scaled Sersic, DeVaucouleurs,
+   Exponential and Gaussian profiles plus ``RandomKnots`` point sources: every
+   ``ParametricSource`` galaxy and the COSMOS parametric fits): the GalSim object tree is
+   decomposed into radial components c with a real-space map J_c (intrinsic shear, size) and a
+   flux w_c, F(q) = sum_c w_c U_c(|J_c^T q|), where U_c is the Fourier transform of the
+   unit-size, unit-flux round profile, tabulated once per process and profile type (per Sersic
+   index and GSParams) from GalSim's own ``kValue`` on a 1-D grid of kappa = u / (1 - u) *
+   ``table_scale``, uniform in u (linear interpolation). Knots are a list of positions and
+   fluxes. Preparation is the decomposition plus a check of the decomposition against GalSim's
+   ``kValue`` at a few frequencies (a galaxy that fails the check uses the generic path):
+   ~0.1 ms per galaxy.
+
+   *Other profiles* (e.g. COSMOS ``RealGalaxy``), generic path: GalSim samples F(q) of the
+   unlensed galaxy on a square grid (``gal.drawKImage``) of spacing dq = 2 pi / (oversample L)
+   [rad / arcsec] (L: GalSim's ``2 pi / stepk``, clipped to [min_extent, max_extent] arcsec) out
+   to the largest |q| any allowed lensing can map onto a frequency the PSF x pixel lets through;
+   the half plane q_x >= 0 is kept as cubic B-spline coefficients (F(-q) = conj F(q)).
+
+2. Per batch, grouped by output period (the real-space period of the k-grid, ``periods``):
+   the k-grid is the half plane of a fine real-space grid of spacing p/2, kept where
+   |T| > ``k_eps`` (P points). Analytic stamps: |J_c^T A^T k| = sqrt(k^T Q k) with the 2x2 form
+   Q = (A J_c)(A J_c)^T, one table look-up per component for all stamps of the group at once;
+   generic stamps: cubic B-spline interpolation of F at A^T k (four bilinear ``grid_sample``
+   fetches). The values times T are scattered on the fine grid; the fine spectrum is folded
+   onto the pixel grid (= sub-sampling at pixel centres), the shift phase exp(i k . x0) is
+   applied on the folded grid (the alias rows/columns differ by a per-stamp constant phase),
+   and one batched ``irfft2`` gives the images; the output is the top-left ``size x size`` crop.
+   Knots of analytic galaxies (Gaussian PSF) are drawn in real space: each lensed point source
+   convolved with the PSF and the pixel is a product of two differences of normal CDFs.
+
+   The period is chosen per stamp: analytic stamps take the smallest period whose wrapped-around
+   light (each component's real-space profile, tabulated with GalSim's ``xValue``, evaluated at
+   the closest distance a replica reaches, using the stamp's own A) is below ``wrap_tol`` x the
+   stamp's PSF-smoothed central brightness; generic galaxies use the preparation's estimate for
+   the largest allowed stretch.
 
 Accuracy and speed are measured by ``benchmarks/render_torch.py`` and asserted by
 ``tests/test_torch_render.py`` (max |residual| < 1% of the stamp peak, adaptive-moment
 ellipticity difference < 1e-3 against GalSim).
 
-Limitations: the PSF must be the same for every stamp (it is per renderer); galaxy light
-beyond ``max_extent / 2`` arcsec of the centre (in the source frame) or beyond the output period
-wraps around, like GalSim's own folding; GalSim also truncates k at the PSF's ``maxk`` while this
-renderer keeps frequencies to ``k_eps``, so tiny (<< 1e-3 of the peak) differences remain.
+Limitations: the PSF must be the same for every stamp (it is per renderer); knots are drawn in
+real space only for a Gaussian PSF (otherwise knotty galaxies use the generic path); galaxy
+light beyond the output period wraps around, like GalSim's own folding; GalSim also truncates k
+at the PSF's ``maxk`` (square k-grid) while this renderer keeps frequencies to ``k_eps``, so
+tiny (<< 1e-3 of the peak) differences remain. Truncated Sersic profiles and shifted components
+use the generic path.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import weakref
 from collections import OrderedDict
@@ -47,35 +76,49 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-#: Default settings (attributes of the module-level ``SETTINGS``; change them before drawing).
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class TorchRenderSettings:
-    """Numerical settings of the torch renderer.
+    """Numerical settings of the torch renderer (attributes of the module-level ``SETTINGS``;
+    change them before drawing).
 
-    oversample : k-grid oversampling of a galaxy's real-space extent (cubic B-spline
-        interpolation; 2 keeps its error well below 1e-3 of the peak).
-    max_extent : cap [arcsec] on the real-space extent L of a galaxy's prepared grid (galaxies
-        with huge Sersic wings would otherwise need enormous grids; the stamp only sees the
-        central few arcsec).
-    min_extent : floor [arcsec] on L.
-    periods : candidate real-space periods of the output grid [pixels]; each galaxy uses the
+    analytic : decompose analytic GalSim profiles into tabulated radial components (fast
+        preparation and drawing); False sends every galaxy through the generic k-grid path.
+    table_size, table_scale : radial tables of the analytic path: ``table_size`` samples of the
+        round unit profile's Fourier transform at kappa = table_scale u / (1 - u), u uniform on
+        [0, 1] (kappa = |q| x half-light radius, or scale radius / sigma).
+    analytic_tol : largest |F_decomposed - F_GalSim| / flux at the check frequencies accepted
+        for the analytic path.
+    oversample : generic path: k-grid oversampling of a galaxy's real-space extent (cubic
+        B-spline interpolation; 2 keeps its error well below 1e-3 of the peak).
+    max_extent, min_extent : generic path: clip [arcsec] on the real-space extent L of a
+        galaxy's prepared grid.
+    periods : candidate real-space periods of the output grid [pixels]; each stamp uses the
         smallest one whose wrapped-around light is below ``wrap_tol`` x its peak (cost grows as
         period^2).
     wrap_tol : see ``periods``.
     k_eps : frequencies where |PSF x pixel| < k_eps are dropped.
-    cache_size : prepared galaxies kept per source (LRU).
+    cache_size : generic prepared galaxies kept per source (LRU; they hold MB-sized grids).
+    analytic_cache_size : analytic prepared galaxies kept per source (LRU; ~1 kB each).
+    chunk_elements : analytic evaluation works on blocks of about this many (stamp, k) values.
     device, dtype : torch device and real dtype of the per-batch computation.
     """
 
+    analytic: bool = True
+    table_size: int = 16384
+    table_scale: float = 2.0
+    analytic_tol: float = 2e-4
     oversample: float = 2.0
     max_extent: float = 12.0
     min_extent: float = 2.0
-    periods: tuple = (64, 96, 128, 192)
+    periods: tuple = (48, 56, 64, 72, 80, 96, 112, 128, 160, 192)
     wrap_tol: float = 1e-4
     k_eps: float = 1e-4
     cache_size: int = 2000
+    analytic_cache_size: int = 100000
+    chunk_elements: int = 1 << 20
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
 
@@ -133,6 +176,9 @@ class _Grid:
     ky: torch.Tensor  # (2 n_out,) fine row frequencies (FFT order)
     transfer: torch.Tensor  # (P,) PSF x pixel transfer at the kept points (real)
     k_max: float  # largest |k| kept
+    kx2: torch.Tensor  # (P,) k_x^2, k_x k_y, k_y^2 of the kept points (analytic path)
+    kxy: torch.Tensor
+    ky2: torch.Tensor
 
 
 _GRIDS: dict = {}
@@ -177,18 +223,21 @@ def _output_grid(renderer, settings: TorchRenderSettings, device, dtype, period:
         ky=torch.as_tensor(ky, dtype=dtype, device=device),
         transfer=torch.as_tensor(t.ravel()[sel], dtype=dtype, device=device),
         k_max=float(np.hypot(kpts[:, 0], kpts[:, 1]).max()),
+        kx2=torch.as_tensor(kpts[:, 0] ** 2, dtype=dtype, device=device),
+        kxy=torch.as_tensor(kpts[:, 0] * kpts[:, 1], dtype=dtype, device=device),
+        ky2=torch.as_tensor(kpts[:, 1] ** 2, dtype=dtype, device=device),
     )
     _GRIDS[key] = g
     return g
 
 
 # ---------------------------------------------------------------------------------------------
-# Prepared galaxies
+# Generic prepared galaxies (k-grid of GalSim's drawKImage)
 
 
 @dataclass
 class PreparedGalaxy:
-    """Half-plane cubic B-spline coefficients of the Fourier transform of one unlensed galaxy.
+    """Generic path: half-plane cubic B-spline coefficients of the Fourier transform of one unlensed galaxy.
 
     data : (1, 2, ny, nx) real tensor (real, imaginary parts) of the B-spline coefficients of
         F(q) at q_x = (j - 3) dq, q_y = (i - c) dq, c = (ny - 1) / 2.
@@ -256,65 +305,6 @@ def prepare_galaxy(gal, q_need: float, settings: TorchRenderSettings = SETTINGS,
                           period)
 
 
-class _Cache:
-    """Per-source LRU of prepared galaxies (module level; never pickled into worker processes)."""
-
-    def __init__(self):
-        self._by_source = weakref.WeakKeyDictionary()
-
-    def get(self, source, key, factory, maxsize):
-        d = self._by_source.get(source)
-        if d is None:
-            d = OrderedDict()
-            self._by_source[source] = d
-        if key in d:
-            d.move_to_end(key)
-            return d[key]
-        val = factory()
-        d[key] = val
-        while len(d) > maxsize:
-            d.popitem(last=False)
-        return val
-
-    def clear(self):
-        self._by_source = weakref.WeakKeyDictionary()
-
-
-CACHE = _Cache()
-
-
-def _psf_sigma(psf) -> float:
-    import galsim
-
-    if isinstance(psf, galsim.Gaussian):
-        return float(psf.sigma)
-    return float(psf.calculateFWHM()) / 2.3548200450309493
-
-
-def _q_need(renderer, settings, device, dtype) -> float:
-    k_max = max(_output_grid(renderer, settings, device, dtype, per).k_max for per in settings.periods)
-    return k_max * _max_stretch(renderer.augment) * 1.001
-
-
-def prepared(renderer, gid: int, settings: TorchRenderSettings = SETTINGS, device="cpu", dtype=torch.float32):
-    """The cached ``PreparedGalaxy`` of galaxy ``gid`` of ``renderer.source``."""
-    q_need = _q_need(renderer, settings, device, dtype)
-    aug = renderer.augment
-    key = (int(gid), round(q_need, 6), settings.oversample, settings.max_extent, settings.min_extent,
-           tuple(settings.periods), settings.wrap_tol, renderer.stamp_size, aug.shift, str(device), dtype)
-    return CACHE.get(
-        renderer.source, key,
-        lambda: prepare_galaxy(renderer.source.galaxy(int(gid)), q_need, settings, device, dtype,
-                               _psf_sigma(renderer.psf), _max_stretch(aug), renderer.pixel_scale,
-                               renderer.stamp_size, aug.shift),
-        settings.cache_size,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Drawing
-
-
 def _bspline_axis(x: torch.Tensor):
     """Positions and weights of the two bilinear fetches that make a cubic B-spline (one axis)."""
     i = torch.floor(x)
@@ -357,6 +347,299 @@ def _sample(prep: PreparedGalaxy, q: torch.Tensor) -> tuple[torch.Tensor, torch.
     return re, im
 
 
+# ---------------------------------------------------------------------------------------------
+# Radial tables of round unit profiles (analytic path)
+
+
+@dataclass
+class _RadialTable:
+    """One round, unit-flux, unit-size profile type.
+
+    kvals : (table_size,) U(kappa_i), kappa_i = scale u_i / (1 - u_i), u_i = i / (table_size - 1)
+        (the last entry, kappa = inf, is 0).
+    log_r, xvals : real-space profile (unit flux) at radii exp(log_r) [units of the size].
+    log_rho, peak : central value of the profile smoothed by a Gaussian of sigma exp(log_rho).
+    """
+
+    kvals: np.ndarray
+    log_r: np.ndarray
+    xvals: np.ndarray
+    log_rho: np.ndarray
+    peak: np.ndarray
+
+
+_TABLE_IDS: dict = {}  # (kind, n, gsparams, table_size, table_scale) -> index in _TABLES
+_TABLES: list = []
+_TABLE_STACK: dict = {}  # (n_tables, device, dtype) -> (n_tables * table_size,) tensor
+
+
+def _kappa_grid(size: int, scale: float) -> np.ndarray:
+    u = np.arange(size) / (size - 1)
+    with np.errstate(divide="ignore"):
+        return scale * u / (1.0 - u)
+
+
+def _radial_table_id(kind: str, n: float, gsparams, settings: TorchRenderSettings) -> int:
+    """Index of the radial table of the unit profile ``kind`` ('sersic' with index n, 'exp',
+    'gauss'), built on first use from GalSim's kValue / xValue."""
+    import galsim
+
+    key = (kind, n, gsparams, int(settings.table_size), float(settings.table_scale))
+    if key in _TABLE_IDS:
+        return _TABLE_IDS[key]
+    if kind == "sersic":
+        unit = galsim.Sersic(n=n, half_light_radius=1.0, gsparams=gsparams)
+    elif kind == "exp":
+        unit = galsim.Exponential(scale_radius=1.0, gsparams=gsparams)
+    elif kind == "gauss":
+        unit = galsim.Gaussian(sigma=1.0, gsparams=gsparams)
+    else:  # pragma: no cover - internal
+        raise ValueError(kind)
+    kap = _kappa_grid(int(settings.table_size), float(settings.table_scale))
+    # GalSim's vectorised k-image drawing on 1-row images, one octave of kappa per image with
+    # 1024 uniform samples (relative spacing <= 1e-3), then linear interpolation onto the table
+    # grid (relative error ~1e-7); U = 0 beyond kappa = 2^14 (never reached by the stamps)
+    samples_k, samples_u = [np.zeros(1)], [np.ones(1)]
+    lo = -7
+    h = 2.0**lo / 1024
+    im = galsim.ImageCD(galsim.BoundsI(1, 1023, 0, 0), scale=h)
+    unit._drawKImage(im)
+    samples_k.append(np.arange(1, 1024) * h)
+    samples_u.append(im.array[0].real.copy())
+    for j in range(lo, 14):
+        h = 2.0**j / 1024
+        im = galsim.ImageCD(galsim.BoundsI(1024, 2047, 0, 0), scale=h)
+        unit._drawKImage(im)
+        samples_k.append(np.arange(1024, 2048) * h)
+        samples_u.append(im.array[0].real.copy())
+    kv = np.interp(kap, np.concatenate(samples_k), np.concatenate(samples_u), right=0.0)
+    kv[-1] = 0.0
+    pos = galsim.PositionD
+    log_r = np.linspace(np.log(1e-4), np.log(2e3), 800)
+    xv = np.array([unit._xValue(pos(float(r), 0.0)) for r in np.exp(log_r)])
+    xv = np.maximum.accumulate(xv[::-1])[::-1]  # monotone envelope: max light at radius >= r
+    log_rho = np.linspace(np.log(1e-3), np.log(1e2), 300)
+    kk, uu = kap[:-1], kv[:-1]
+    w = np.gradient(kk) * kk * uu / (2 * np.pi)
+    peak = np.array([np.sum(w * np.exp(-0.5 * (kk * rho) ** 2)) for rho in np.exp(log_rho)])
+    _TABLES.append(_RadialTable(kv, log_r, xv, log_rho, peak))
+    _TABLE_IDS[key] = len(_TABLES) - 1
+    return _TABLE_IDS[key]
+
+
+def _table_stack(device, dtype) -> torch.Tensor:
+    """All radial tables as one complex tensor of (U_i, U_{i+1} - U_i) pairs (last step 0)."""
+    key = (len(_TABLES), str(device), dtype)
+    if key not in _TABLE_STACK:
+        _TABLE_STACK.clear()
+        ctype = torch.complex64 if dtype == torch.float32 else torch.complex128
+        kv = np.stack([t.kvals for t in _TABLES])
+        step = np.diff(kv, axis=1, append=0.0)
+        _TABLE_STACK[key] = torch.as_tensor((kv + 1j * step).ravel(), dtype=ctype, device=device)
+    return _TABLE_STACK[key]
+
+
+def _lookup_np(tid: int, kappa: np.ndarray, settings: TorchRenderSettings) -> np.ndarray:
+    """U(kappa) of table ``tid`` by the same linear interpolation as the torch path."""
+    n = int(settings.table_size)
+    pos = kappa / (kappa + settings.table_scale) * (n - 1)
+    i0 = np.minimum(np.floor(pos).astype(np.int64), n - 2)
+    t = pos - i0
+    kv = _TABLES[tid].kvals
+    return kv[i0] + t * (kv[i0 + 1] - kv[i0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Analytic galaxies
+
+
+@dataclass
+class AnalyticGalaxy:
+    """A galaxy as radial components plus point sources (source frame, before lensing).
+
+    tid : (K,) radial table ids; jh : (K, 2, 2) real-space map of each component (intrinsic
+    shear/dilation times its size [arcsec]) so that F_c(q) = w_c U_c(|jh_c^T q|); w : (K,) fluxes.
+    knots_xy : (M, 2) point-source positions [arcsec]; knots_w : (M,) their fluxes.
+    """
+
+    tid: np.ndarray
+    jh: np.ndarray
+    w: np.ndarray
+    knots_xy: np.ndarray
+    knots_w: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.tid, self.jh, self.w, self.knots_xy, self.knots_w))
+
+    def kvalue(self, k: np.ndarray, settings: TorchRenderSettings) -> np.ndarray:
+        """F(k) at the points k (n, 2) [rad / arcsec] (for checks)."""
+        out = np.zeros(len(k), complex)
+        for tid, jh, w in zip(self.tid, self.jh, self.w):
+            out += w * _lookup_np(int(tid), np.hypot(*(k @ jh).T), settings)
+        if len(self.knots_w):
+            out += np.exp(-1j * (k @ self.knots_xy.T)) @ self.knots_w
+        return out
+
+
+class _NotAnalytic(Exception):
+    pass
+
+
+def _decompose(obj, jac, mult, comps, knots, settings):
+    import galsim
+
+    if isinstance(obj, galsim.Transformation):
+        off = obj.offset
+        if off.x != 0 or off.y != 0:
+            raise _NotAnalytic("shifted component")
+        j = np.asarray(obj.jac, float)
+        _decompose(obj.original, jac @ j, mult * float(obj.flux_ratio) * abs(np.linalg.det(j)), comps, knots,
+                   settings)
+    elif isinstance(obj, galsim.Sum):
+        for o in obj.obj_list:
+            _decompose(o, jac, mult, comps, knots, settings)
+    elif isinstance(obj, galsim.Sersic):
+        if obj.trunc != 0:
+            raise _NotAnalytic("truncated Sersic")
+        tid = _radial_table_id("sersic", float(obj.n), obj.gsparams, settings)
+        comps.append((tid, jac * float(obj.half_light_radius), mult * float(obj.flux)))
+    elif isinstance(obj, galsim.Exponential):
+        tid = _radial_table_id("exp", 0.0, obj.gsparams, settings)
+        comps.append((tid, jac * float(obj.scale_radius), mult * float(obj.flux)))
+    elif isinstance(obj, galsim.Gaussian):
+        tid = _radial_table_id("gauss", 0.0, obj.gsparams, settings)
+        comps.append((tid, jac * float(obj.sigma), mult * float(obj.flux)))
+    elif isinstance(obj, galsim.RandomKnots):
+        pts = np.asarray(obj.points, float).reshape(-1, 2)
+        knots.append((pts @ jac.T, np.full(len(pts), mult * float(obj.flux) / len(pts))))
+    else:
+        raise _NotAnalytic(type(obj).__name__)
+
+
+def analyze_galaxy(gal, settings: TorchRenderSettings = SETTINGS, allow_knots: bool = True):
+    """``AnalyticGalaxy`` of GalSim profile ``gal``, or None when it is not a (checked) sum of
+    radial profiles and point sources."""
+    comps, knots = [], []
+    try:
+        _decompose(gal, np.eye(2), 1.0, comps, knots, settings)
+    except _NotAnalytic as err:
+        log.debug("generic torch path for %s: %s", type(gal).__name__, err)
+        return None
+    if (knots and not allow_knots) or not comps:
+        return None
+    an = AnalyticGalaxy(
+        tid=np.array([c[0] for c in comps], np.int64),
+        jh=np.array([c[1] for c in comps], float).reshape(-1, 2, 2),
+        w=np.array([c[2] for c in comps], float),
+        knots_xy=np.concatenate([k[0] for k in knots]) if knots else np.zeros((0, 2)),
+        knots_w=np.concatenate([k[1] for k in knots]) if knots else np.zeros(0),
+    )
+    # check against GalSim at a few frequencies spanning the galaxy's Fourier transform
+    import galsim
+
+    size = max(float(np.sqrt(abs(np.linalg.det(j)))) for j in an.jh)
+    kk = np.array([0.7, 2.5, 9.0]) / size
+    ang = np.array([0.3, 1.9, 4.0])
+    pts = np.stack([kk * np.cos(ang), kk * np.sin(ang)], -1)
+    ref = np.array([gal.kValue(galsim.PositionD(float(a), float(b))) for a, b in pts])
+    flux = float(gal.flux)
+    if not np.isfinite(flux) or flux == 0:
+        return None
+    err = np.abs(an.kvalue(pts, settings) - ref).max() / abs(flux)
+    if not err <= settings.analytic_tol:
+        log.debug("generic torch path: analytic decomposition off by %.2e of the flux", err)
+        return None
+    return an
+
+
+class _Cache:
+    """Per-source LRU caches of prepared galaxies (module level; never pickled into workers)."""
+
+    def __init__(self):
+        self._by_source = weakref.WeakKeyDictionary()
+
+    def get(self, source, key, factory, maxsize, bucket="grid"):
+        per = self._by_source.get(source)
+        if per is None:
+            per = {}
+            self._by_source[source] = per
+        d = per.setdefault(bucket, OrderedDict())
+        if key in d:
+            d.move_to_end(key)
+            return d[key]
+        val = factory()
+        d[key] = val
+        while len(d) > maxsize:
+            d.popitem(last=False)
+        return val
+
+    def clear(self):
+        self._by_source = weakref.WeakKeyDictionary()
+
+
+CACHE = _Cache()
+
+
+def clear_caches(tables: bool = False) -> None:
+    """Forget prepared galaxies (and, with ``tables=True``, the radial tables and output grids),
+    e.g. to measure preparation costs."""
+    CACHE.clear()
+    if tables:
+        _TABLE_IDS.clear()
+        _TABLES.clear()
+        _TABLE_STACK.clear()
+        _GRIDS.clear()
+
+
+def _psf_sigma(psf) -> float:
+    import galsim
+
+    if isinstance(psf, galsim.Gaussian):
+        return float(psf.sigma)
+    return float(psf.calculateFWHM()) / 2.3548200450309493
+
+
+def _q_need(renderer, settings, device, dtype) -> float:
+    k_max = max(_output_grid(renderer, settings, device, dtype, per).k_max for per in settings.periods)
+    return k_max * _max_stretch(renderer.augment) * 1.001
+
+
+def _prepare_generic(renderer, gid, settings, device, dtype) -> PreparedGalaxy:
+    q_need = _q_need(renderer, settings, device, dtype)
+    aug = renderer.augment
+    key = (int(gid), round(q_need, 6), settings.oversample, settings.max_extent, settings.min_extent,
+           tuple(settings.periods), settings.wrap_tol, renderer.stamp_size, aug.shift, str(device), dtype)
+    return CACHE.get(
+        renderer.source, key,
+        lambda: prepare_galaxy(renderer.source.galaxy(int(gid)), q_need, settings, device, dtype,
+                               _psf_sigma(renderer.psf), _max_stretch(aug), renderer.pixel_scale,
+                               renderer.stamp_size, aug.shift),
+        settings.cache_size, bucket="grid",
+    )
+
+
+def prepared(renderer, gid: int, settings: TorchRenderSettings = SETTINGS, device="cpu", dtype=torch.float32):
+    """The cached prepared galaxy ``gid`` of ``renderer.source``: an ``AnalyticGalaxy`` when the
+    profile decomposes into radial components (and knots, with a Gaussian PSF), else a
+    ``PreparedGalaxy`` (generic k-grid)."""
+    import galsim
+
+    if settings.analytic:
+        gauss = isinstance(renderer.psf, galsim.Gaussian)
+        key = (int(gid), int(settings.table_size), float(settings.table_scale), float(settings.analytic_tol), gauss)
+        an = CACHE.get(renderer.source, key,
+                       lambda: analyze_galaxy(renderer.source.galaxy(int(gid)), settings, allow_knots=gauss),
+                       settings.analytic_cache_size, bucket="analytic")
+        if an is not None:
+            return an
+    return _prepare_generic(renderer, gid, settings, device, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing
+
+
 def draw_batch(renderer, params, size: int, settings: TorchRenderSettings | None = None):
     """Draw noiseless stamps like the GalSim backend (before mask / flux factor / noise).
 
@@ -377,6 +660,8 @@ def draw_batch(renderer, params, size: int, settings: TorchRenderSettings | None
 
     a = transform_matrices(params)  # (N, 2, 2)
     gid = np.asarray(params.galaxy_id, np.int64)
+    dx = np.asarray(params.dx, float)
+    dy = np.asarray(params.dy, float)
     preps = {}
     for g in np.unique(gid):
         try:
@@ -384,11 +669,28 @@ def draw_batch(renderer, params, size: int, settings: TorchRenderSettings | None
         except Exception as err:  # a galaxy GalSim cannot prepare becomes a recorded failure
             for i in np.flatnonzero(gid == g):
                 failures.append((int(i), f"{type(err).__name__}: {err}"))
-    period = np.array([preps[int(g)].period if int(g) in preps else 0 for g in gid])
+    ok = np.array([int(g) in preps for g in gid])
+    is_an = np.array([isinstance(preps.get(int(g)), AnalyticGalaxy) for g in gid])
+    rows_an = np.flatnonzero(ok & is_an)
+    period = np.zeros(n, np.int64)
+    for i in np.flatnonzero(ok & ~is_an):
+        period[i] = preps[int(gid[i])].period
+    an_parts = None
+    if len(rows_an):
+        an_parts = _analytic_components(renderer, rows_an, a, gid, preps, dx, dy, size, settings)
+        period[rows_an] = an_parts["period"]
     for per in np.unique(period[period > 0]):
-        rows = np.flatnonzero(period == per)
-        out[rows] = _draw_group(renderer, params, rows, a[rows], gid[rows], preps, int(per), size,
-                                settings, device, dtype)
+        grid = _output_grid(renderer, settings, device, dtype, int(per))
+        sel_an = rows_an[period[rows_an] == per]
+        if len(sel_an):
+            vals = _analytic_values(an_parts, sel_an, grid, a, settings, device, dtype)
+            out[sel_an] = _assemble(grid, vals, dx[sel_an], dy[sel_an], renderer.pixel_scale, size, device, dtype)
+        sel_g = np.flatnonzero(ok & ~is_an & (period == per))
+        if len(sel_g):
+            vals = _generic_values(grid, sel_g, a, gid, preps, device, dtype)
+            out[sel_g] = _assemble(grid, vals, dx[sel_g], dy[sel_g], renderer.pixel_scale, size, device, dtype)
+    if an_parts is not None:
+        _add_knots(out, renderer, rows_an, a, gid, preps, dx, dy, size)
     failed = {i for i, _ in failures}
     for i in np.flatnonzero(~np.all(np.isfinite(out), axis=(1, 2))):
         if int(i) not in failed:
@@ -396,38 +698,182 @@ def draw_batch(renderer, params, size: int, settings: TorchRenderSettings | None
     return out, failures
 
 
-def _draw_group(renderer, params, rows, a, gid, preps, period, size, settings, device, dtype):
-    """Stamps ``rows`` (all with output period ``period``) as an (n, size, size) float64 array."""
-    grid = _output_grid(renderer, settings, device, dtype, period)
-    n_out = grid.n_out
-    n = len(rows)
+def _analytic_components(renderer, rows, a, gid, preps, dx, dy, size, settings) -> dict:
+    """Per-component arrays of the analytic stamps ``rows`` and each stamp's output period.
+
+    Returns dict with ``row`` (index into ``rows``), ``tid``, ``m`` (2x2 stamp-frame map
+    A J_c h_c), ``w`` (flux x |det A|) per component, and ``period`` (len(rows),).
+    """
+    counts = np.array([len(preps[int(gid[i])].tid) for i in rows])
+    row = np.repeat(np.arange(len(rows)), counts)
+    tid = np.concatenate([preps[int(gid[i])].tid for i in rows])
+    jh = np.concatenate([preps[int(gid[i])].jh for i in rows])
+    w = np.concatenate([preps[int(gid[i])].w for i in rows])
+    arows = a[rows]
+    m = arows[row] @ jh
+    w = w * np.abs(np.linalg.det(arows))[row]
+
+    # output period: smallest one whose wrapped-around light <= wrap_tol x PSF-smoothed peak
     p = renderer.pixel_scale
-    at = torch.as_tensor(a, dtype=torch.float64, device=device)
-    det = torch.as_tensor(np.abs(np.linalg.det(a)), dtype=dtype, device=device)
+    sig = _psf_sigma(renderer.psf)
+    det_m = np.abs(np.linalg.det(m))
+    smax = np.linalg.norm(m, ord=2, axis=(1, 2))
+    peak = np.zeros(len(rows))
+    periods = np.array(sorted(int(x) for x in settings.periods))
+    d_stamp = p * np.hypot(size / 2 + np.abs(dx[rows]), size / 2 + np.abs(dy[rows]))
+    light = np.zeros((len(periods), len(rows)))
+    for t in np.unique(tid):
+        c = np.flatnonzero(tid == t)
+        tab = _TABLES[int(t)]
+        rho = np.log(sig / np.sqrt(det_m[c]))
+        pk = w[c] / det_m[c] * np.interp(rho, tab.log_rho, tab.peak)
+        np.add.at(peak, row[c], np.abs(pk))
+        dist = np.maximum(periods[:, None] * p - d_stamp[row[c]][None, :] - 3 * sig, 1e-30) / smax[c][None, :]
+        lt = np.abs(w[c] / det_m[c])[None, :] * np.interp(np.log(dist), tab.log_r, tab.xvals, left=tab.xvals[0],
+                                                          right=0.0)
+        for j in range(len(periods)):
+            np.add.at(light[j], row[c], lt[j])
+    good = light <= settings.wrap_tol * peak[None, :]
+    first = np.where(good.any(0), good.argmax(0), len(periods) - 1)
+    return {"row": row, "tid": tid, "m": m, "w": w, "period": periods[first], "rows": rows}
+
+
+def _analytic_values(parts, sel, grid, a, settings, device, dtype) -> torch.Tensor:
+    """F'(k) T(k) (real) of the analytic stamps ``sel`` (subset of parts['rows']) on the grid's
+    kept points: (len(sel), P)."""
+    pos = np.searchsorted(parts["rows"], sel)  # local indices of the selected stamps
+    loc = np.full(len(parts["rows"]), -1)
+    loc[pos] = np.arange(len(sel))
+    cl = np.flatnonzero(loc[parts["row"]] >= 0)
+    crow = loc[parts["row"][cl]]
+    m = parts["m"][cl]
+    q = m @ np.swapaxes(m, 1, 2)  # Q = M M^T: kappa^2 = k^T Q k
+    coef = torch.as_tensor(np.stack([q[:, 0, 0], 2 * q[:, 0, 1], q[:, 1, 1]], 1), dtype=dtype, device=device)
+    w = torch.as_tensor(parts["w"][cl], dtype=dtype, device=device)
+    nt = int(settings.table_size)
+    base = torch.as_tensor(parts["tid"][cl] * nt, dtype=torch.int32, device=device)
+    table = _table_stack(device, dtype)
+    npts = grid.k.shape[0]
+    out = torch.zeros((len(sel), npts + 1), dtype=dtype, device=device)  # last column: 0 (folding)
+    crow_t = torch.as_tensor(crow, device=device)
+    step = max(1, int(settings.chunk_elements) // max(npts, 1))
+    scale = float(settings.table_scale)
+    for s in range(0, len(cl), step):
+        e = min(s + step, len(cl))
+        c = coef[s:e]
+        kap = c[:, 0:1] * grid.kx2
+        kap.addcmul_(c[:, 1:2], grid.kxy)
+        kap.addcmul_(c[:, 2:3], grid.ky2)
+        kap.clamp_(min=0.0).sqrt_()  # (the form is positive definite; guard float rounding)
+        # u = kappa / (kappa + scale) on a uniform table of nt points; each table entry holds
+        # (U_i, U_{i+1} - U_i) as one complex number, so linear interpolation is one gather
+        pos_ = kap.div_(kap + scale).mul_(nt - 1)
+        idx = pos_.to(torch.int32).add_(base[s:e, None])
+        frac = pos_.frac_()
+        pair = table.index_select(0, idx.view(-1)).view(idx.shape)
+        val = torch.addcmul(pair.real, pair.imag, frac).mul_(w[s:e, None])
+        out[:, :npts].index_add_(0, crow_t[s:e], val)
+    out[:, :npts] *= grid.transfer
+    return out
+
+
+def _generic_values(grid, sel, a, gid, preps, device, dtype) -> torch.Tensor:
+    """det A F(A^T k) T(k) (complex) of the generic stamps ``sel`` on the grid's kept points."""
     ctype = torch.complex64 if dtype == torch.float32 else torch.complex128
-    spec = torch.zeros((n, 2 * n_out * (n_out + 1)), dtype=ctype, device=device)
-    for g in np.unique(gid):
-        loc = torch.as_tensor(np.flatnonzero(gid == g), device=device)
+    at = torch.as_tensor(a[sel], dtype=torch.float64, device=device)
+    det = torch.as_tensor(np.abs(np.linalg.det(a[sel])), dtype=dtype, device=device)
+    out = torch.zeros((len(sel), grid.k.shape[0] + 1), dtype=ctype, device=device)  # last column: 0
+    g_sel = gid[sel]
+    for g in np.unique(g_sel):
+        loc = torch.as_tensor(np.flatnonzero(g_sel == g), device=device)
         q = torch.einsum("pi,nij->npj", grid.k, at[loc]).to(dtype)  # q = A^T k
         re, im = _sample(preps[int(g)], q)
-        spec[loc[:, None], grid.sel[None, :]] = torch.complex(re, im) * (grid.transfer * det[loc, None])
-    spec = spec.reshape(n, 2 * n_out, n_out + 1)
+        out[loc, :-1] = torch.complex(re, im) * (grid.transfer * det[loc, None])
+    return out
 
-    # shift phase exp(i k . x0), x0 = centre of output pixel (0, 0) relative to the profile centre
-    c = (size - 1) / 2.0
-    x0 = torch.as_tensor((-c - np.asarray(params.dx, float)[rows]) * p, dtype=dtype, device=device)
-    y0 = torch.as_tensor((-c - np.asarray(params.dy, float)[rows]) * p, dtype=dtype, device=device)
-    px = torch.polar(torch.ones((n, n_out + 1), dtype=dtype, device=device), x0[:, None] * grid.kx[None, :])
-    py = torch.polar(torch.ones((n, 2 * n_out), dtype=dtype, device=device), y0[:, None] * grid.ky[None, :])
-    spec *= py[:, :, None] * px[:, None, :]
 
-    # fold the fine spectrum (real-space spacing p/2) onto the pixel grid's frequencies (= keep
-    # every other fine sample): rows n and n - n_out coincide; column q_x also receives the
-    # conjugate of column n_out - q_x at the negated row (Hermitian half plane).
-    h = spec[:, :n_out, :] + spec[:, n_out:, :]  # (n, n_out, n_out + 1)
+def _fold_index(grid, device) -> torch.Tensor:
+    """(n_out * (n_out // 2 + 1) * 4,) indices into the kept points (P = zero) of the four
+    fine frequencies folded onto each output cell, in the order a0, a1, a2, a3 (see
+    ``_assemble``); cached on the grid."""
+    cached = getattr(grid, "_fold", None)
+    if cached is not None:
+        return cached
+    n_out = grid.n_out
     nh = n_out // 2
-    rev = (-torch.arange(n_out, device=device)) % n_out
-    mirror_cols = n_out - torch.arange(nh + 1, device=device)
-    folded = h[:, :, : nh + 1] + torch.conj(h[:, rev][:, :, mirror_cols])
+    npts = grid.sel.numel()
+    lut = np.full(2 * n_out * (n_out + 1), npts, np.int64)  # fine half plane -> kept index
+    lut[grid.sel.cpu().numpy()] = np.arange(npts)
+    lut = lut.reshape(2 * n_out, n_out + 1)
+    jy = np.arange(n_out)[:, None]
+    jx = np.arange(nh + 1)[None, :]
+    m = 2 * n_out
+    parts = [
+        lut[jy, jx],  # a0: (j_y, j_x)
+        lut[jy + n_out, jx],  # a1: (j_y - n_out, j_x)
+        lut[(-jy) % m, n_out - jx],  # a2: -(j_y, j_x - n_out), conjugated
+        lut[(n_out - jy) % m, n_out - jx],  # a3: -(j_y - n_out, j_x - n_out), conjugated
+    ]
+    idx = torch.as_tensor(np.stack(parts, -1).reshape(-1), device=device)
+    grid._fold = idx
+    return idx
+
+
+def _assemble(grid, vals, dx, dy, p, size, device, dtype) -> np.ndarray:
+    """Images (n, size, size) float64 from the values (n, P + 1) at the grid's kept points
+    (the last column is zero).
+
+    The fine half plane (rows: 2 n_out frequencies in FFT order, columns k_x = 0..n_out dk) is
+    folded onto the pixel grid's half plane (n_out rows, n_out / 2 + 1 columns): output cell
+    (j_y, j_x) receives the fine frequencies (j_y - a n_out, j_x - b n_out) dk, a, b in {0, 1};
+    those with k_x < 0 are read at -k (conjugated). Their shift phases exp(i k . x0) differ from
+    the cell's base phase exp(i (j_x x0 + j_y y0) dk) by the per-stamp constants w_y^a w_x^b,
+    w = exp(-i 2 pi x0 / p), so the fold is one batched matrix product and the phase is applied
+    once on the small folded grid.
+    """
+    n = vals.shape[0]
+    n_out = grid.n_out
+    nh = n_out // 2
+    cells = n_out * (nh + 1)
+    gathered = vals.index_select(1, _fold_index(grid, device)).view(n, cells, 4)
+    c = (size - 1) / 2.0
+    # x0, y0: centre of output pixel (0, 0) relative to the profile centre [arcsec]
+    x0 = (-c - np.asarray(dx, float)) * p
+    y0 = (-c - np.asarray(dy, float)) * p
+    ctype = torch.complex64 if dtype == torch.float32 else torch.complex128
+    wx = np.exp(-2j * np.pi * x0 / p)
+    wy = np.exp(-2j * np.pi * y0 / p)
+    w = np.stack([np.ones(n), wy, wx, wx * wy], 1)  # (n, 4)
+    if vals.is_complex():
+        gathered = torch.cat([gathered[..., :2], gathered[..., 2:].conj()], -1)
+        folded = torch.bmm(gathered, torch.as_tensor(w, dtype=ctype, device=device)[:, :, None])[..., 0]
+    else:
+        coef = torch.as_tensor(np.stack([w.real, w.imag], -1), dtype=dtype, device=device)  # (n, 4, 2)
+        folded = torch.view_as_complex(torch.bmm(gathered, coef))
+    folded = folded.view(n, n_out, nh + 1)
+    kx = np.arange(nh + 1) * grid.dk
+    ky = np.arange(n_out) * grid.dk
+    px = torch.as_tensor(np.exp(1j * x0[:, None] * kx[None, :]), dtype=ctype, device=device)
+    py = torch.as_tensor(np.exp(1j * y0[:, None] * ky[None, :]), dtype=ctype, device=device)
+    folded *= py[:, :, None] * px[:, None, :]
     img = torch.fft.irfft2(folded, s=(n_out, n_out))[:, :size, :size]
     return img.to(torch.float64).cpu().numpy()
+
+
+def _add_knots(out, renderer, rows, a, gid, preps, dx, dy, size) -> None:
+    """Add the point sources of analytic galaxies, drawn in real space (Gaussian PSF x pixel)."""
+    from scipy.special import ndtr
+
+    p = renderer.pixel_scale
+    sig = _psf_sigma(renderer.psf)
+    c = (size - 1) / 2.0
+    edges = (np.arange(size + 1) - 0.5 - c) * p
+    for i in rows:
+        an = preps[int(gid[i])]
+        if not len(an.knots_w):
+            continue
+        xy = an.knots_xy @ a[i].T  # (M, 2) lensed positions [arcsec]
+        w = an.knots_w * abs(np.linalg.det(a[i]))
+        ex = np.diff(ndtr((edges[None, :] - dx[i] * p - xy[:, 0:1]) / sig), axis=1)  # (M, size)
+        ey = np.diff(ndtr((edges[None, :] - dy[i] * p - xy[:, 1:2]) / sig), axis=1)
+        out[i] += (ey * w[:, None]).T @ ex
