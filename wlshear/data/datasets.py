@@ -12,6 +12,8 @@ cached on disk as ``.npz`` keyed by a hash of everything that decides its conten
 from __future__ import annotations
 
 import hashlib
+import os
+import uuid
 import json
 import logging
 import math
@@ -88,6 +90,96 @@ class ShearStream(IterableDataset):
                 y = torch.tensor([batch.meta["g1"][i], batch.meta["g2"][i]], dtype=torch.float32)
                 if self.return_meta:
                     yield x, y, {k: v[i] for k, v in batch.meta.items()}
+                else:
+                    yield x, y
+                produced += 1
+
+
+def grouped_params(renderer: StampRenderer, rng: np.random.Generator, n_groups: int, group_size: int):
+    """Parameters of ``n_groups`` groups of ``group_size`` stamps: each group is one galaxy with one
+    rotation, mirror, magnification and centroid shift, and ``group_size`` independent shears
+    g1, g2 ~ U(-shear_max, shear_max). Rows are ordered group by group; ``pair_id`` = group index."""
+    from wlshear.sim.augment import StampParams
+
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (a response needs two shears), got {group_size}")
+    base = renderer.sample_params(rng, n_groups)
+    rep = np.repeat(np.arange(n_groups), group_size)
+    p = base.subset(rep)
+    s = renderer.augment.shear_max
+    p.g1 = rng.uniform(-s, s, len(rep))
+    p.g2 = rng.uniform(-s, s, len(rep))
+    p.pair_id = rep.astype(np.int64)
+    return StampParams(**p.as_dict())
+
+
+class GroupedShearStream(ShearStream):
+    """On-the-fly training groups: K stamps of one galaxy under K different shears.
+
+    Each item is one group: ``(stamps (K, 32, 32) float32, shears (K, 2) float32)`` (plus, with
+    ``return_meta``, a dict of ``(K,)`` meta arrays including ``galaxy_id``). The members share
+    galaxy id, rotation, mirror, magnification and centroid shift, and (``same_noise=True``, default)
+    one noise realisation, so only the shear differs (``same_noise=False``: independent noise); the
+    per-galaxy response of a network can then be measured inside a batch
+    (``wlshear.models.objectives.ConditionalBiasLoss``). ``samples_per_epoch`` counts stamps; an
+    epoch yields ``samples_per_epoch // group_size`` groups (per rank, split across workers). A
+    group with a stamp that failed to render is dropped (counted in ``failure_count``).
+    """
+
+    def __init__(self, renderer: StampRenderer, samples_per_epoch: int, group_size: int = 8, seed: int = 0,
+                 chunk: int = 64, return_meta: bool = False, same_noise: bool = True):
+        super().__init__(renderer, samples_per_epoch, seed=seed, chunk=chunk, return_meta=return_meta)
+        if group_size < 2:
+            raise ValueError(f"group_size must be >= 2, got {group_size}")
+        self.group_size = int(group_size)
+        self.same_noise = bool(same_noise)
+
+    def render_groups(self, params, n_rng: np.random.Generator) -> StampBatch:
+        """Render grouped ``params``; with ``same_noise`` the members of a group share one noise
+        realisation (only the shear differs, so a group's prediction-vs-shear slope is the galaxy's
+        response with little noise), else each stamp has its own noise (``renderer.render``)."""
+        r = self.renderer
+        if not self.same_noise or r.noise is None:
+            return r.render(params, n_rng)
+        clean, failures = r.draw_noiseless(params)
+        ok = np.all(np.isfinite(clean), axis=(1, 2))
+        grp = np.asarray(params.pair_id)
+        ng = int(grp.max()) + 1
+        noise = r.noise.sample(n_rng, ng, (r.stamp_size, r.stamp_size))[grp]
+        stamps = (clean + noise).astype(np.float32)
+        meta = r.metadata(params)
+        meta["snr"] = np.asarray(r.noise.snr(np.where(ok[:, None, None], clean, 0.0)), dtype=np.float64)
+        fail = [(int(params.galaxy_id[i]), "non-finite pixels") for i in np.nonzero(~ok)[0]]
+        return StampBatch(stamps[ok], {k: v[ok] for k, v in meta.items()}, fail)
+
+    def __len__(self) -> int:  # groups per rank
+        return max(1, math.ceil(self.samples_per_epoch / self.group_size / self.world_size))
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        n = self._share(wid, nw)
+        ss = np.random.SeedSequence(self.worker_seed(wid) + [self.group_size])
+        p_rng, n_rng = (np.random.default_rng(s) for s in ss.spawn(2))
+        self.failure_count = 0
+        produced = 0
+        k = self.group_size
+        per_chunk = max(1, self.chunk // k)
+        while produced < n:
+            params = grouped_params(self.renderer, p_rng, per_chunk, k)
+            batch = self.render_groups(params, n_rng)
+            self.failure_count += len(batch.failures)
+            grp = batch.meta["pair_id"]
+            for gi in np.unique(grp):
+                if produced >= n:
+                    break
+                rows = np.nonzero(grp == gi)[0]
+                if len(rows) != k:  # a member failed to render: drop the group
+                    continue
+                x = torch.from_numpy(np.ascontiguousarray(batch.stamps[rows]))
+                y = torch.from_numpy(np.stack([batch.meta["g1"][rows], batch.meta["g2"][rows]], 1).astype(np.float32))
+                if self.return_meta:
+                    yield x, y, {key: v[rows] for key, v in batch.meta.items()}
                 else:
                     yield x, y
                 produced += 1
@@ -179,7 +271,9 @@ class CachedStampSet(Dataset):
                 log.warning("%s set: %d stamp(s) failed to render and were skipped", name, len(batch.failures))
             if self.path is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = self.path.with_suffix(".tmp.npz")
+                # unique temporary name: several processes (DDP ranks) may render the same set at
+                # once; each writes its own file and atomically replaces the (identical) target
+                tmp = self.path.with_name(f"{self.path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz")
                 batch.save(tmp)
                 tmp.replace(self.path)
                 (self.path.with_suffix(".json")).write_text(json.dumps(desc, indent=1, default=str))
