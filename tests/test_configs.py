@@ -40,7 +40,7 @@ def _offline(monkeypatch, tmp_path):
 
 
 def test_every_group_has_its_options():
-    assert options("model") == ["paper_cnn", "resnet_small", "wide_cnn"]
+    assert options("model") == ["paper_cnn", "paper_cnn_condbias", "resnet_small", "wide_cnn"]
     assert {"cpu", "gpu", "ddp", "ddp_cpu", "ddp_multinode"} <= set(options("trainer"))
     assert {"csv", "tensorboard", "wandb", "many"} <= set(options("logger"))
     assert {"paper_clash", "ablate_no_shift", "ablate_no_magnification", "ablate_no_rotation_mirror"} <= set(

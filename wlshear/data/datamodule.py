@@ -9,7 +9,7 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader
 
-from wlshear.data.datasets import CachedStampSet, EpochLoader, ShearStream
+from wlshear.data.datasets import CachedStampSet, EpochLoader, GroupedShearStream, ShearStream
 from wlshear.sim.augment import Augmentation
 from wlshear.sim.noise import CorrelatedNoise
 from wlshear.sim.render import StampRenderer
@@ -137,3 +137,36 @@ class ShearDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state):
         self._train_passes = int(state.get("train_passes", 0))
+
+
+class GroupedShearDataModule(ShearDataModule):
+    """``ShearDataModule`` whose training stream yields groups of ``group_size`` stamps of one galaxy
+    with different shears (:class:`~wlshear.data.datasets.GroupedShearStream`), for objectives that
+    penalise each galaxy's shear response. ``batch_size`` counts stamps: a batch holds
+    ``batch_size // group_size`` groups. ``same_noise``: members of a group share one noise
+    realisation. Validation, test and refit sets are unchanged.
+    """
+
+    def __init__(self, *args, group_size: int = 8, same_noise: bool = True, **kwargs):
+        # plain containers: Lightning also records this frame's kwargs in the hparams (checkpoints
+        # must load with torch.load(weights_only=True))
+        kwargs = {k: _plain(v) for k, v in kwargs.items()}
+        super().__init__(*args, **kwargs)
+        if group_size < 2:
+            raise ValueError(f"data.group_size must be >= 2, got {group_size}")
+        self.group_size = int(group_size)
+        self.same_noise = bool(same_noise)
+        self.hparams["group_size"] = self.group_size
+        self.hparams["same_noise"] = self.same_noise
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = GroupedShearStream(self.train_renderer, hp.samples_per_epoch, group_size=self.group_size,
+                                                seed=hp.seed, chunk=hp.chunk, same_noise=self.same_noise)
+        super().setup(stage)
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        return EpochLoader(self.train_set, start_epoch=self._train_passes,
+                           batch_size=max(1, hp.batch_size // self.group_size), num_workers=hp.num_workers)

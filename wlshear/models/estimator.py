@@ -10,7 +10,14 @@ File format (``torch.save`` of a dict, readable with ``torch.load(weights_only=T
     {"format": "wlshear-estimator", "version": 1,
      "net": {"class_path": "wlshear.models.architectures.PaperCNN", "kwargs": {...}},
      "state_dict": {...}, "calibration": {"m1", "c1", "m2", "c2"},
-     "normalize": True, "metadata": {...plain Python types...}}
+     "normalize": True, "metadata": {...plain Python types...},
+     "surface": None or {...CalibrationSurface.to_dict()...}}
+
+Optional conditional calibration: ``surface`` (a :class:`wlshear.calibration.CalibrationSurface`)
+corrects the globally calibrated shears per galaxy, ``(g - c(o)) / (1 + m(o))``, with the
+observables ``o`` (magnitude, half-light radius, S/N) measured on the stamps by
+``wlshear.baselines.photometry.measure_observables`` inside :meth:`ShearEstimator.predict`.
+Files without the key (older files) load with no surface.
 
 :func:`load_estimator` also reads a Lightning checkpoint written while training a
 :class:`~wlshear.models.module.ShearRegressor` (the network is rebuilt from ``hparams["net_spec"]``).
@@ -77,6 +84,8 @@ class ShearEstimator:
         normalize: normalise each stamp (mean 0, std 1) before the network; keep True for nets
             trained by ``ShearRegressor``.
         device: torch device to run on.
+        surface: optional :class:`wlshear.calibration.CalibrationSurface` (or its dict) applied per
+            galaxy after the global calibration, on observables measured on the stamps.
     """
 
     def __init__(
@@ -86,6 +95,7 @@ class ShearEstimator:
         metadata: Mapping[str, Any] | None = None,
         normalize: bool = True,
         device: str | torch.device = "cpu",
+        surface: Any = None,
     ) -> None:
         if isinstance(getattr(net, "net", None), nn.Module) and not hasattr(net, "head"):
             net = net.net  # unwrap a ShearRegressor (LightningModule) or ShearEstimator
@@ -98,6 +108,23 @@ class ShearEstimator:
             self.set_calibration(**calibration)
         self.metadata = dict(metadata or {})
         self.normalize = bool(normalize)
+        self.surface = None
+        if surface is not None:
+            self.set_surface(surface)
+
+    # ------------------------------------------------------------------ conditional calibration
+    def set_surface(self, surface: Any) -> None:
+        """Attach a calibration surface (a ``CalibrationSurface``, its dict, or None to remove)."""
+        if surface is None:
+            self.surface = None
+            return
+        from wlshear.calibration.surface import CalibrationSurface
+
+        if isinstance(surface, Mapping):
+            surface = CalibrationSurface.from_dict(dict(surface))
+        if not isinstance(surface, CalibrationSurface):
+            raise ValueError(f"surface must be a CalibrationSurface or its dict, got {type(surface).__name__}")
+        self.surface = surface
 
     # ------------------------------------------------------------------ calibration
     def set_calibration(self, m1: float = 0.0, c1: float = 0.0, m2: float = 0.0, c2: float = 0.0) -> None:
@@ -154,12 +181,22 @@ class ShearEstimator:
         symmetrize: bool = True,
         batch_size: int = 4096,
         progress: bool = False,
+        apply_surface: bool = True,
     ) -> np.ndarray:
         """Calibrated shears ``(N, 2)`` float64 = (g1, g2) for raw stamps in counts ``(N, 32, 32)``.
 
-        Stamps with non-finite pixels give NaN rows (see :meth:`predict_with_flags`).
+        With a calibration surface attached (and ``apply_surface``), the observables are measured
+        on the stamps (``measure_observables``) and the per-galaxy correction is applied after the
+        global calibration. Stamps with non-finite pixels give NaN rows (see
+        :meth:`predict_with_flags`).
         """
-        return self.calibrate(self.predict_raw(stamps, symmetrize=symmetrize, batch_size=batch_size, progress=progress))
+        g = self.calibrate(self.predict_raw(stamps, symmetrize=symmetrize, batch_size=batch_size, progress=progress))
+        if apply_surface and self.surface is not None:
+            x = stamps.detach().cpu().numpy() if isinstance(stamps, torch.Tensor) else np.asarray(stamps)
+            if x.ndim == 4:
+                x = x[:, 0]
+            g = self.surface.apply_to_stamps(g, x)
+        return g
 
     def predict_with_flags(self, stamps: np.ndarray | torch.Tensor, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
         """``(g (N, 2), failed (N,) bool)``; failed rows (non-finite input or output) hold NaN."""
@@ -182,6 +219,7 @@ class ShearEstimator:
             "calibration": dict(self.calibration),
             "normalize": self.normalize,
             "metadata": _plain(self.metadata),
+            "surface": None if self.surface is None else _plain(self.surface.to_dict()),
             "torch_version": str(torch.__version__),
         }
 
@@ -197,7 +235,7 @@ class ShearEstimator:
     def __repr__(self) -> str:
         return (
             f"ShearEstimator(net={type(self.net).__name__}, calibration={self.calibration}, "
-            f"normalize={self.normalize}, device={self.device})"
+            f"normalize={self.normalize}, surface={self.surface!r}, device={self.device})"
         )
 
 
@@ -254,6 +292,7 @@ def load_estimator(
         calibration = obj.get("calibration") or {}
         metadata = obj.get("metadata") or {}
         normalize = bool(obj.get("normalize", True))
+        surface = obj.get("surface")
     elif "state_dict" in obj and "hyper_parameters" in obj:
         hp = obj["hyper_parameters"] or {}
         spec = hp.get("net_spec")
@@ -271,6 +310,7 @@ def load_estimator(
         metadata = {"source_checkpoint": str(path), "hparams": _plain(hp),
                     "epoch": obj.get("epoch"), "global_step": obj.get("global_step")}
         normalize = True
+        surface = None
     else:
         raise ValueError(
             f"{path} is neither a wlshear estimator file (format={obj.get('format')!r}) nor a "
@@ -282,4 +322,8 @@ def load_estimator(
         net.load_state_dict(state)
     except RuntimeError as exc:
         raise ValueError(f"{path}: weights do not match the saved architecture {spec.get('class_path')}: {exc}") from exc
-    return ShearEstimator(net, calibration=calibration, metadata=metadata, normalize=normalize, device=device)
+    try:
+        return ShearEstimator(net, calibration=calibration, metadata=metadata, normalize=normalize, device=device,
+                              surface=surface)
+    except ValueError as exc:
+        raise ValueError(f"{path}: invalid calibration surface: {exc}") from exc

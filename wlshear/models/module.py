@@ -94,6 +94,16 @@ class ShearRegressor(L.LightningModule):
         scheduler_monitor: metric a ReduceLROnPlateau-type scheduler watches.
         symmetrize_eval: average predictions over the 8 square symmetries in val/test/predict.
         shear_max: half-width of the training shear distribution (recorded; used by the head refit).
+        objective: training loss, see :func:`wlshear.models.objectives.build_objective`: ``None`` /
+            ``"mse"`` (default, the paper's loss) or ``{"name": "condbias", "slope_weight": ...}``
+            (MSE + per-galaxy response penalty; needs grouped batches, ``GroupedShearStream``).
+            Validation/test losses are always plain MSE.
+        init_from: optional estimator file / Lightning checkpoint whose network weights initialise
+            ``net`` (fine-tuning). Not saved in the hparams as a path to load again (a checkpoint
+            restores its own weights); recorded as ``hparams["init_from_desc"]``.
+
+    Grouped batches: ``y`` of shape ``(B, K, 2)`` with ``x`` ``(B, K, H, W)`` hold B groups of K
+    stamps of one galaxy each; they are flattened to ``B * K`` stamps with group ids for the objective.
     """
 
     def __init__(
@@ -104,9 +114,30 @@ class ShearRegressor(L.LightningModule):
         scheduler_monitor: str = "val/loss",
         symmetrize_eval: bool = False,
         shear_max: float = 0.2,
+        objective: Any = None,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
+        from wlshear.models.objectives import build_objective
+
+        if objective is not None and not callable(objective):
+            try:
+                from omegaconf import DictConfig, OmegaConf
+
+                if isinstance(objective, DictConfig):
+                    objective = OmegaConf.to_container(objective, resolve=True)
+            except ImportError:  # pragma: no cover
+                pass
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "init_from"], logger=False)
+        self.objective = build_objective(objective)
+        if init_from:
+            from wlshear.models.estimator import load_estimator
+
+            src = load_estimator(init_from)
+            try:
+                net.load_state_dict(src.net.state_dict())
+            except RuntimeError as exc:
+                raise ValueError(f"init_from={init_from}: its network does not match this model's net: {exc}") from exc
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -116,6 +147,8 @@ class ShearRegressor(L.LightningModule):
             self.hparams["net_spec"] = None  # custom net without init_kwargs: rebuild by hand
         self.hparams["optimizer_desc"] = _describe(optimizer)
         self.hparams["scheduler_desc"] = _describe(scheduler)
+        self.hparams["objective_desc"] = repr(self.objective)
+        self.hparams["init_from_desc"] = None if not init_from else str(init_from)
         self._eval_outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
 
     # ------------------------------------------------------------------ inference helpers
@@ -158,9 +191,21 @@ class ShearRegressor(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = self._unpack(batch)
+        groups = None
+        if y is not None and torch.as_tensor(y).ndim == 3:  # (B, K, 2): B groups of K stamps
+            y = torch.as_tensor(y)
+            b, k = y.shape[0], y.shape[1]
+            x = torch.as_tensor(x).reshape(b * k, *torch.as_tensor(x).shape[-2:])
+            y = y.reshape(b * k, 2)
+            groups = torch.arange(b, device=self.device).repeat_interleave(k)
+            batch = (x, y)
         x, y = self._xy(batch)
-        loss = F.mse_loss(self(x), y)
+        loss, parts = self.objective(self(x), y, groups)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
+        for name, val in parts.items():
+            if name != "mse" or len(parts) > 1:
+                self.log(f"train/{name}", val, on_step=True, on_epoch=True, batch_size=y.shape[0])
         return loss
 
     def _eval_step(self, batch: Any, stage: str) -> torch.Tensor:

@@ -15,6 +15,9 @@ Studies (``studies.*.enabled``), each written as a CSV and a PNG:
 
 - ``magnitude_bins``: m and sigma in bins of the stamp magnitude (per-bin calibration, and sigma
   with the global calibration as ``sigma{k}_fixed``);
+- ``conditional``: m, c (with errors, ring-pair fit) and sigma of every estimator in quantile bins
+  of the *measured* magnitude, half-light radius and S/N (``measure_observables`` on the test
+  stamps; ring pairs binned by their mean observable), ``conditional_bins.csv`` / ``.png``;
 - ``shear_bins``: per component, the response m, the mean calibrated residual and sigma in bins
   of the true shear, all with the global calibration (a local slope in a bin 0.025 wide would be
   hopelessly noisy; m_bin = m + <residual> / <g_true> instead);
@@ -685,6 +688,23 @@ def run(cfg: DictConfig) -> dict:
         studies["magnitude_bins"] = {"csv": "magnitude_bins.csv", "png": "magnitude_bins.png",
                                      "edges": edges.tolist(), "key": key, "rows": rows}
         files["magnitude_bins"] = "magnitude_bins.csv"
+
+    cdcfg = st.get("conditional") or {}
+    if cdcfg.get("enabled", False):
+        from wlshear.baselines.photometry import measure_observables
+        from wlshear.metrics.conditional import conditional_rows, plot_conditional
+
+        obs = measure_observables(stamps)
+        cbins = cdcfg.get("bins") or {"mag": 5, "hlr_px": 3, "snr": 3}
+        cbins = OmegaConf.to_container(cbins, resolve=True) if isinstance(cbins, DictConfig) else dict(cbins)
+        cest = res if cdcfg.get("all_estimators", True) else sres
+        rows = conditional_rows(g_true, {n: (r.g, r.failed) for n, r in cest.items()}, obs, pair_ids, cbins,
+                                {n: cal_of(n) for n in cest})
+        to_csv(rows, out_dir / "conditional_bins.csv")
+        plot_conditional(rows, out_dir / "conditional_bins.png")
+        studies["conditional_bins"] = {"csv": "conditional_bins.csv", "png": "conditional_bins.png",
+                                       "bins": cbins, "observables": "measure_observables on the test stamps"
+                                       + (" (pair means)" if pair_ids is not None else ""), "rows": rows}
 
     scfg = st.get("shear") or {}
     if scfg.get("enabled", False):
