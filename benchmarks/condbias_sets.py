@@ -6,6 +6,7 @@ gsparams. Sets are cached under ``data_cache/`` by ``CachedStampSet`` (hash of t
 description, n, seed, ring), so the benchmark and a re-run reuse them.
 
     python benchmarks/condbias_sets.py --n-cal 16000 --n-test 16000 --n-real 4000 --workers 2
+    python benchmarks/condbias_sets.py --backend torch --n-cal 300000 --n-test 300000 --workers 2
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ GSP = dict(minimum_fft_size=64, folding_threshold=1e-2, maxk_threshold=3e-3)
 CACHE = REPO / "data_cache"
 REAL_DIR = REPO.parent / "shared" / "data" / "cosmos_real_100"
 REAL_FILE = "real_galaxy_catalog_26_extension_example.fits"
+#: large parametric sets drawn with the batched torch renderer (issue #8 target study): key -> (seed, name)
+TORCH_SETS = {"cal": (8101, "condbias_cal_torch"), "test": (8102, "condbias_test_torch"),
+              "test2": (8104, "condbias_test2_torch"), "test3": (8105, "condbias_test3_torch")}
 
 
 def parametric_renderer(noise_scale: float = 1.0, backend: str = "galsim"):
@@ -58,7 +62,20 @@ def main(argv=None) -> int:
     ap.add_argument("--n-test", type=int, default=16000)
     ap.add_argument("--n-real", type=int, default=4000)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--backend", default="galsim", choices=["galsim", "torch"],
+                    help="renderer backend; 'torch' sets get their own names and seeds (see TORCH_SETS)")
+    ap.add_argument("--extra-test", type=int, default=0, choices=[0, 1, 2],
+                    help="torch only: this many further independent test sets of --n-test stamps (test2, test3)")
     args = ap.parse_args(argv)
+    if args.backend == "torch":
+        keys = [("test", args.n_test), ("cal", args.n_cal)]
+        keys += [(f"test{j + 2}", args.n_test) for j in range(args.extra_test)]
+        for key, n in keys:
+            if n:
+                seed, name = TORCH_SETS[key]
+                s = cached(parametric_renderer(backend="torch"), n, seed, name, args.workers)
+                print(key, len(s), s.path, flush=True)
+        return 0
     if args.n_real:
         s = cached(real_renderer(), args.n_real, 8003, "condbias_real", args.workers)
         print("real", len(s), s.path, flush=True)
