@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from scipy.signal import fftconvolve
 
-from wlshear.baselines.wlenet import WLENetEstimator, _symmetry_ops, release_files
+from wlshear.baselines.wlenet import WLENetEstimator, release_files
+from wlshear.models.symmetry import shear_sign
 
 SHARED = (Path(__file__).resolve().parents[1] / ".." / "shared").resolve()
 RELEASE = SHARED / "data" / "wlenet_release"
@@ -28,7 +29,8 @@ def test_missing_release_raises_clear_error(tmp_path):
 
 
 def test_symmetry_group_signs():
-    ops = _symmetry_ops()
+    # (quarter turns, transposed?, s1, s2) of the 8 symmetries the estimator averages over
+    ops = [(k % 4, k >= 4, *shear_sign(k)) for k in range(8)]
     assert len(ops) == 8 and len({(k, t) for k, t, _, _ in ops}) == 8
     signs = {(k, t): (s1, s2) for k, t, s1, s2 in ops}
     assert signs[(0, True)] == (-1, 1)  # transpose

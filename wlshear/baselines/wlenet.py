@@ -1,7 +1,8 @@
 """The paper authors' released CNN (``wlenet``) as an external shear estimator.
 
 Loads the trained Keras weights of the release (``cnn_image_clash_uniform_mse_lsq*.hdf5``, read
-with h5py; Keras itself is not needed) and runs the network of the paper's Table 2 in numpy:
+with h5py; Keras itself is not needed) into the project's own ``PaperCNN`` (the paper's Table 2,
+``PaperCNN.load_keras_weights``) and runs it through ``ShearEstimator`` in float64:
 
     input 32x32x1, normalised per stamp (mean 0, std 1)
     conv 5x5 x64, stride 3, valid, ReLU  -> 10x10x64
@@ -14,11 +15,9 @@ Keras convolutions are cross-correlations with kernels indexed (kh, kw, in, out)
 ...). The release's stamps are row = y like ours, so our ``(N, 32, 32)`` (y, x) stamps feed the
 network directly.
 
-At inference the estimate is averaged over the 8 symmetries of the square (``symmetrize``):
-each transformed stamp's prediction is mapped back with the shear transformation rules of
-``docs/CONVENTIONS.md`` (transpose: g1 -> -g1; quarter turn: g1, g2 -> -g1, -g2). Finally the
-release's calibration ``calib = (c1, m1, c2, m2)`` from the matching ``.npy`` is applied as
-(g - c) / (1 + m) (``calibrate=True``).
+At inference the estimate is averaged over the 8 symmetries of the square (``symmetrize``, the
+project's ``wlshear.models.symmetry``). Finally the release's calibration ``calib = (c1, m1, c2,
+m2)`` from the matching ``.npy`` is applied as (g - c) / (1 + m) (``calibrate=True``).
 """
 
 from __future__ import annotations
@@ -56,28 +55,6 @@ def _check_level(noise_level) -> str:
     if noise_level not in NOISE_LEVELS:
         raise ValueError(f"noise_level must be one of {NOISE_LEVELS}, got {noise_level!r}")
     return noise_level
-
-
-def _symmetry_ops():
-    """The 8 symmetries of the square as (k quarter turns, transpose?, sign of g1, sign of g2).
-
-    Transformed stamp = transpose?(rot90(stamp, k)); its shear is (s1 g1, s2 g2) with
-    s1 = (-1)^k * (-1 if transposed), s2 = (-1)^k. The signs are their own inverses.
-    """
-    ops = []
-    for k in range(4):
-        for t in (False, True):
-            s2 = -1.0 if k % 2 else 1.0
-            s1 = s2 * (-1.0 if t else 1.0)
-            ops.append((k, t, s1, s2))
-    return ops
-
-
-def _transform(stamps: np.ndarray, k: int, transpose: bool) -> np.ndarray:
-    out = np.rot90(stamps, k=k, axes=(1, 2))
-    if transpose:
-        out = np.swapaxes(out, 1, 2)
-    return np.ascontiguousarray(out)
 
 
 class WLENetEstimator:
@@ -118,6 +95,7 @@ class WLENetEstimator:
         self.symmetrize = bool(symmetrize)
         self.params = self._load_weights(weights)
         self.calib = self._load_calib(calib) if calibrate else (0.0, 0.0, 0.0, 0.0)
+        self.estimator = self._build_estimator(self.params, self.calib)
 
     @staticmethod
     def _load_weights(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -152,25 +130,18 @@ class WLENetEstimator:
         c1, m1, c2, m2 = (float(v) for v in spec["calib"])
         return c1, m1, c2, m2
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """Network output ``(N, 2)`` for already-normalised ``(N, 32, 32)`` inputs (no symmetry)."""
-        n = x.shape[0]
-        k1, b1 = self.params["conv_1"]
-        # conv 5x5, stride 3, valid: output (i, j) sees rows 3i..3i+4 and columns 3j..3j+4
-        win = np.lib.stride_tricks.sliding_window_view(x, (5, 5), axis=(1, 2))[:, ::3, ::3]
-        h = np.einsum("nijab,abo->nijo", win, k1[:, :, 0, :], optimize=True) + b1
-        h = np.maximum(h, 0.0)
-        for name in ("conv_2", "conv_3"):
-            k, b = self.params[name]
-            h = np.maximum(h @ k[0, 0] + b, 0.0)
-        h = h.reshape(n, -1)  # (row, column, channel) order, as Keras' Flatten
-        for name in ("dense_1", "dense_2"):
-            k, b = self.params[name]
-            h = np.maximum(h @ k + b, 0.0)
-        k, b = self.params["label_pred"]
-        return h @ k + b
+    @staticmethod
+    def _build_estimator(params, calib):
+        """The released weights in the project's PaperCNN (float64), with the release calibration."""
+        from wlshear.models.architectures import PaperCNN
+        from wlshear.models.estimator import ShearEstimator
 
-    def estimate(self, stamps, batch_size: int = 4096):
+        net = PaperCNN().double()
+        net.load_keras_weights([a for name in _LAYERS for a in params[name]])
+        c1, m1, c2, m2 = calib
+        return ShearEstimator(net, calibration={"m1": m1, "c1": c1, "m2": m2, "c2": c2})
+
+    def estimate(self, stamps, batch_size: int = 256):
         """Shear estimates ``(N, 2)`` and ``failed`` ``(N,)`` for ``(N, 32, 32)`` stamps (y, x).
 
         A stamp fails (NaN row) when it has non-finite pixels or zero standard deviation.
@@ -178,24 +149,10 @@ class WLENetEstimator:
         arr = as_stamp_batch(stamps)
         if arr.shape[1:] != (32, 32):
             raise ValueError(f"wlenet takes 32x32 stamps, got {arr.shape[1:]}")
-        n = arr.shape[0]
         finite = np.all(np.isfinite(arr), axis=(1, 2))
         arr = np.where(finite[:, None, None], arr, 0.0)
-        mean = arr.mean(axis=(1, 2), keepdims=True)
-        std = arr.std(axis=(1, 2), keepdims=True)
-        ok = finite & (std[:, 0, 0] > 0)
-        x = (arr - mean) / np.where(std > 0, std, 1.0)
-        g = np.zeros((n, 2))
-        ops = _symmetry_ops() if self.symmetrize else [(0, False, 1.0, 1.0)]
-        for start in range(0, n, batch_size):
-            xb = x[start:start + batch_size]
-            acc = np.zeros((xb.shape[0], 2))
-            for k, t, s1, s2 in ops:
-                pred = self.forward(_transform(xb, k, t))
-                acc += pred * np.array([s1, s2])
-            g[start:start + batch_size] = acc / len(ops)
-        c1, m1, c2, m2 = self.calib
-        g = (g - np.array([c1, c2])) / (1.0 + np.array([m1, m2]))
+        ok = finite & (arr.std(axis=(1, 2)) > 0)
+        g = self.estimator.predict(arr, symmetrize=self.symmetrize, batch_size=batch_size)
         g[~ok] = np.nan
         return g, ~ok
 
