@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from wlshear.utils.plain import to_plain
+
 __all__ = ["CalibrationSurface", "fit_surface", "pair_means", "FEATURES", "features_from_observables"]
 
 #: feature name -> (observable key, transform)
@@ -217,8 +219,8 @@ class CalibrationSurface:
             "lo": self.lo.tolist(), "hi": self.hi.tolist(), "fill": self.fill.tolist(),
             "coef_m": self.coef_m.tolist(), "coef_c": self.coef_c.tolist(),
             "min_response": self.min_response,
-            "observable_kwargs": _jsonable(self.observable_kwargs),
-            "diagnostics": _jsonable(self.diagnostics),
+            "observable_kwargs": to_plain(self.observable_kwargs),
+            "diagnostics": to_plain(self.diagnostics),
         }
 
     @classmethod
@@ -262,18 +264,6 @@ def _hat_basis(x: np.ndarray, knots: np.ndarray) -> np.ndarray:
     out[np.arange(len(x)), i] = 1.0 - t
     out[np.arange(len(x)), i + 1] += t
     return out
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 def fit_surface(g_true, g_est, observables: dict, pair_ids=None, failed=None,

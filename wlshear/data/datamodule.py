@@ -14,17 +14,14 @@ from wlshear.sim.augment import Augmentation
 from wlshear.sim.noise import CorrelatedNoise
 from wlshear.sim.render import StampRenderer
 from wlshear.sim.sources import GalaxySource
+from wlshear.utils.plain import to_plain
 
 log = logging.getLogger(__name__)
 
 
 def _plain(obj):
-    """OmegaConf containers -> plain dict/list (no-op for anything else)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(obj, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(obj, resolve=True)
-    return obj
+    """OmegaConf containers -> plain dict/list; other objects (e.g. a source) kept as they are."""
+    return to_plain(obj, unknown=lambda o: o)
 
 
 class ShearDataModule(L.LightningDataModule):

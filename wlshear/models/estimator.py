@@ -39,36 +39,13 @@ from tqdm.auto import tqdm
 from wlshear.models.architectures import build_net, net_spec
 from wlshear.models.normalize import normalize_stamps
 from wlshear.models.symmetry import symmetrize
+from wlshear.utils.plain import to_plain as _plain
 
 __all__ = ["ShearEstimator", "load_estimator", "FORMAT_NAME", "FORMAT_VERSION"]
 
 FORMAT_NAME = "wlshear-estimator"
 FORMAT_VERSION = 1
 _CAL_KEYS = ("m1", "c1", "m2", "c2")
-
-
-def _plain(obj: Any) -> Any:
-    """Convert ``obj`` to plain Python types (dict/list/str/int/float/bool/None) for safe saving."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            obj = OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return np.asarray(obj.detach().cpu() if isinstance(obj, torch.Tensor) else obj).tolist()
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return repr(obj)
 
 
 class ShearEstimator:

@@ -60,6 +60,7 @@ from wlshear.clash.maps import (
 )
 from wlshear.clash.stamps import extract_stamps
 from wlshear.utils.hydra import print_config_tree, save_resolved_config, write_json
+from wlshear.utils.plain import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class ClusterError(ValueError):
 
 
 def _plain(cfg):
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg) else cfg
+    return to_plain(cfg, unknown=lambda o: o)
 
 
 def _cluster_list(cfg) -> list[dict]:

@@ -57,26 +57,18 @@ def save_resolved_config(cfg: DictConfig, out_dir: Path) -> Path:
 
 
 def write_json(obj: Any, path: Path) -> Path:
-    """JSON with numpy scalars/arrays converted to plain types."""
-    import numpy as np
+    """JSON of ``obj`` converted to plain types (``to_plain``); non-finite floats become null."""
+    import math
 
-    def conv(o):
+    from wlshear.utils.plain import to_plain
+
+    def finite(o):
         if isinstance(o, dict):
-            return {str(k): conv(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [conv(v) for v in o]
-        if isinstance(o, np.ndarray):
-            return conv(o.tolist())
-        if isinstance(o, (np.floating, float)):
-            return float(o) if np.isfinite(o) else None
-        if isinstance(o, np.integer):
-            return int(o)
-        if isinstance(o, (np.bool_,)):
-            return bool(o)
-        if isinstance(o, Path):
-            return str(o)
-        return o
+            return {k: finite(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [finite(v) for v in o]
+        return None if isinstance(o, float) and not math.isfinite(o) else o
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(conv(obj), indent=2))
+    path.write_text(json.dumps(finite(to_plain(obj)), indent=2))
     return path
