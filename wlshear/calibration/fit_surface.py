@@ -21,7 +21,6 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
 
 from wlshear.calibration.surface import FEATURES, fit_surface
 

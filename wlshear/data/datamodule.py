@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import lightning as L
-import numpy as np
 from torch.utils.data import DataLoader
 
 from wlshear.data.datasets import CachedStampSet, EpochLoader, GroupedShearStream, ShearStream

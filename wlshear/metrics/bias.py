@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BiasFit", "fit_bias", "fit_line", "calibrate", "average_pairs", "valid_rows"]
+__all__ = ["BiasFit", "fit_bias", "fit_line", "calibrate", "average_pairs", "valid_rows", "bias_summary",
+           "pair_bootstrap_sigma"]
 
 
 @dataclass
@@ -212,3 +213,63 @@ def fit_bias(g_true, g_est, failed=None, pair_ids=None, bootstrap: int = 0, rng=
     return BiasFit(m=m, m_err=m_err, c=c, c_err=c_err, sigma=sigma, sigma_err=sigma_err, n=n,
                    n_failed=int((~ok).sum()), bootstrap=int(bootstrap), paired=paired)
 
+
+def pair_bootstrap_sigma(g_true, g_est, failed=None, groups=None, n_boot: int = 200, rng=None):
+    """Bootstrap standard deviation of sigma (per component) resampling whole groups (ring pairs).
+
+    Each resample refits m, c and recomputes the RMS of the calibrated residuals (unpaired), using
+    multiplicity weights so that it is vectorised over rows. Returns a (2,) array (NaN if < 3 rows).
+    """
+    g_true = np.asarray(g_true, dtype=np.float64)
+    g_est = np.asarray(g_est, dtype=np.float64)
+    ok = valid_rows(g_true, g_est, failed)
+    if ok.sum() < 3 or n_boot < 2:
+        return np.full(2, np.nan)
+    gt, ge = g_true[ok], g_est[ok]
+    grp = np.arange(len(g_true))[ok] if groups is None else np.asarray(groups)[ok]
+    _, inv = np.unique(grp, return_inverse=True)
+    n_groups = int(inv.max()) + 1
+    gen = np.random.default_rng(rng)
+    samples = np.empty((n_boot, 2))
+    for b in range(n_boot):
+        w = np.bincount(gen.integers(0, n_groups, n_groups), minlength=n_groups)[inv].astype(np.float64)
+        sw = w.sum()
+        for k in range(2):
+            x, y = gt[:, k], ge[:, k]
+            xm, ym = (w * x).sum() / sw, (w * y).sum() / sw
+            sxx = (w * (x - xm) ** 2).sum()
+            slope = (w * (x - xm) * (y - ym)).sum() / sxx if sxx > 0 else np.nan
+            a = ym - slope * xm
+            samples[b, k] = np.sqrt((w * ((y - a) / slope - x) ** 2).sum() / sw)
+    return np.nanstd(samples, axis=0, ddof=1)
+
+
+def bias_summary(g_true, g_est, failed=None, pair_ids=None, bootstrap: int = 0, rng=None) -> dict:
+    """m, c (pair-averaged fit when ``pair_ids`` has pairs) and per-galaxy sigma with errors.
+
+    Keys: m1, m1_err, ..., c2_err (from the paired fit if paired), sigma1, sigma1_err, sigma2,
+    sigma2_err (unpaired fit; bootstrap over pairs when ``bootstrap`` > 0), n (stamps used),
+    n_failed (stamps), n_pairs, paired, m1_unpaired, m2_unpaired (for reference).
+    """
+    gen = np.random.default_rng(rng)
+    paired = pair_ids is not None and len(np.unique(pair_ids)) < len(pair_ids)
+    per = fit_bias(g_true, g_est, failed=failed)
+    out = per.as_dict()
+    out["m1_unpaired"], out["m2_unpaired"] = float(per.m[0]), float(per.m[1])
+    out["paired"] = bool(paired)
+    out["n_pairs"] = 0
+    if paired:
+        pf = fit_bias(g_true, g_est, failed=failed, pair_ids=pair_ids, bootstrap=bootstrap, rng=gen)
+        d = pf.as_dict()
+        for k in ("m1", "m1_err", "m2", "m2_err", "c1", "c1_err", "c2", "c2_err"):
+            out[k] = d[k]
+        out["n_pairs"] = int(pf.n)
+    elif bootstrap:
+        bf = fit_bias(g_true, g_est, failed=failed, bootstrap=bootstrap, rng=gen)
+        for k in ("m1_err", "m2_err", "c1_err", "c2_err"):
+            out[k] = bf.as_dict()[k]
+    if bootstrap:
+        se = pair_bootstrap_sigma(g_true, g_est, failed, pair_ids if paired else None, bootstrap, gen)
+        out["sigma1_err"], out["sigma2_err"] = float(se[0]), float(se[1])
+    out["bootstrap"] = int(bootstrap)
+    return out

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 from astropy.table import Table
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from wlshear.clash import cuts as cutsmod

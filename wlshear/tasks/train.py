@@ -30,7 +30,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from wlshear.metrics.bias import fit_bias
+from wlshear.metrics.bias import bias_summary, fit_bias
 from wlshear.metrics.plots import plot_shear_scatter
 from wlshear.models.estimator import ShearEstimator
 from wlshear.models.refit import refit_head
@@ -213,14 +213,8 @@ def evaluate_estimator(estimator: ShearEstimator, test_set, symmetrize: bool = T
     """m, c (ring-pair averaged when the set has pairs) and per-galaxy sigma on a cached set."""
     g_true = test_set.batch.shear.astype(np.float64)
     g_est = _predict(estimator, test_set.stamps, symmetrize)
-    pair_ids = test_set.meta.get("pair_id")
-    paired = pair_ids is not None and len(np.unique(pair_ids)) < len(pair_ids)
-    per_gal = fit_bias(g_true, g_est)
-    out = per_gal.as_dict()
-    if paired:
-        pf = fit_bias(g_true, g_est, pair_ids=pair_ids).as_dict()
-        for k in ("m1", "m1_err", "m2", "m2_err", "c1", "c1_err", "c2", "c2_err"):
-            out[k] = pf[k]
+    out = bias_summary(g_true, g_est, pair_ids=test_set.meta.get("pair_id"))
+    if out["paired"]:
         out["bias_from_ring_pairs"] = True
     return out, g_est
 
