@@ -38,6 +38,16 @@ def bin_edges(x, bins=5) -> np.ndarray:
     return edges
 
 
+def bin_index(x, edges) -> np.ndarray:
+    """Bin number of each value of ``x`` for ``edges``; the last bin includes its upper edge;
+    values outside the edges or not finite get -1."""
+    x = np.asarray(x, dtype=np.float64)
+    idx = np.searchsorted(edges, x, side="right") - 1
+    idx[x == edges[-1]] = len(edges) - 2
+    idx[(idx > len(edges) - 2) | ~np.isfinite(x)] = -1
+    return idx
+
+
 def binned_bias(
     x,
     g_true,
@@ -73,9 +83,7 @@ def binned_bias(
         raise ValueError(f"x must have shape ({len(g_true)},), got {x.shape}")
     failed = np.zeros(len(x), bool) if failed is None else np.asarray(failed, dtype=bool)
     edges = bin_edges(x, bins)
-    idx = np.searchsorted(edges, x, side="right") - 1
-    idx[x == edges[-1]] = len(edges) - 2  # include the upper edge in the last bin
-    idx[~np.isfinite(x)] = -1
+    idx = bin_index(x, edges)
     gen = np.random.default_rng(rng)
     rows = []
     for b in range(len(edges) - 1):

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from wlshear.metrics.bias import fit_bias, valid_rows
-from wlshear.metrics.binned import bin_edges
+from wlshear.metrics.bias import bias_summary, valid_rows
+from wlshear.metrics.binned import bin_edges, bin_index
 
 __all__ = ["pair_mean_observable", "conditional_rows", "plot_conditional", "DEFAULT_BINS"]
 
@@ -44,17 +44,9 @@ def pair_mean_observable(x, pair_ids=None) -> np.ndarray:
 
 
 def _one_bin(g_true, g_est, failed, pair_ids, cal) -> dict:
-    out = {}
-    paired = pair_ids is not None and len(np.unique(pair_ids)) < len(pair_ids)
-    per = fit_bias(g_true, g_est, failed=failed)
-    d = per.as_dict()
-    out.update({k: d[k] for k in ("m1", "m1_err", "m2", "m2_err", "c1", "c1_err", "c2", "c2_err",
-                                  "sigma1", "sigma1_err", "sigma2", "sigma2_err", "n_failed")})
-    out["n_pairs"] = 0
-    if paired:
-        pf = fit_bias(g_true, g_est, failed=failed, pair_ids=pair_ids).as_dict()
-        out.update({k: pf[k] for k in ("m1", "m1_err", "m2", "m2_err", "c1", "c1_err", "c2", "c2_err")})
-        out["n_pairs"] = int(pf["n"])
+    d = bias_summary(g_true, g_est, failed, pair_ids)
+    out = {k: d[k] for k in ("m1", "m1_err", "m2", "m2_err", "c1", "c1_err", "c2", "c2_err",
+                             "sigma1", "sigma1_err", "sigma2", "sigma2_err", "n_failed", "n_pairs")}
     ok = valid_rows(g_true, g_est, failed)
     n = int(ok.sum())
     for k in (1, 2):
@@ -91,9 +83,7 @@ def conditional_rows(g_true, estimates: dict, observables: dict, pair_ids=None, 
         x = pair_mean_observable(observables[key], pair_ids)
         finite = np.isfinite(x)
         edges = bin_edges(x[finite], nb if np.ndim(nb) == 0 else list(nb))
-        idx = np.searchsorted(edges, x, side="right") - 1
-        idx[x == edges[-1]] = len(edges) - 2
-        idx[~finite] = -1
+        idx = bin_index(x, edges)
         for name, (g, failed) in estimates.items():
             g = np.asarray(g, dtype=np.float64)
             failed = np.zeros(len(g), bool) if failed is None else np.asarray(failed, bool)
