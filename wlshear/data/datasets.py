@@ -138,19 +138,8 @@ class GroupedShearStream(ShearStream):
         """Render grouped ``params``; with ``same_noise`` the members of a group share one noise
         realisation (only the shear differs, so a group's prediction-vs-shear slope is the galaxy's
         response with little noise), else each stamp has its own noise (``renderer.render``)."""
-        r = self.renderer
-        if not self.same_noise or r.noise is None:
-            return r.render(params, n_rng)
-        clean, failures = r.draw_noiseless(params)
-        ok = np.all(np.isfinite(clean), axis=(1, 2))
-        grp = np.asarray(params.pair_id)
-        ng = int(grp.max()) + 1
-        noise = r.noise.sample(n_rng, ng, (r.stamp_size, r.stamp_size))[grp]
-        stamps = (clean + noise).astype(np.float32)
-        meta = r.metadata(params)
-        meta["snr"] = np.asarray(r.noise.snr(np.where(ok[:, None, None], clean, 0.0)), dtype=np.float64)
-        fail = [(int(params.galaxy_id[i]), "non-finite pixels") for i in np.nonzero(~ok)[0]]
-        return StampBatch(stamps[ok], {k: v[ok] for k, v in meta.items()}, fail)
+        groups = np.asarray(params.pair_id) if self.same_noise else None
+        return self.renderer.render(params, n_rng, noise_groups=groups)
 
     def __len__(self) -> int:  # groups per rank
         return max(1, math.ceil(self.samples_per_epoch / self.group_size / self.world_size))

@@ -241,8 +241,13 @@ class StampRenderer:
         raw, failures = _BACKENDS[self.backend](self, params, size)
         return self.postprocess(raw), failures
 
-    def render(self, params: StampParams, rng: np.random.Generator) -> StampBatch:
-        """Noisy stamps and metadata for ``params``; failed stamps are dropped and recorded."""
+    def render(self, params: StampParams, rng: np.random.Generator, noise_groups=None) -> StampBatch:
+        """Noisy stamps and metadata for ``params``; failed stamps are dropped and recorded.
+
+        ``noise_groups``: optional ``(N,)`` non-negative group index per stamp; stamps of one group
+        share one noise realisation (e.g. the same galaxy under several shears). Default: every
+        stamp has its own noise.
+        """
         clean, failures = self.draw_noiseless(params)
         ok = np.all(np.isfinite(clean), axis=(1, 2))
         bad_rows = {i for i, _ in failures}
@@ -250,7 +255,13 @@ class StampRenderer:
             if int(i) not in bad_rows:
                 failures.append((int(i), "non-finite pixels"))
         n = len(params)
-        noise = self.noise.sample(rng, n, (self.stamp_size, self.stamp_size)) if self.noise else 0.0
+        if self.noise is None:
+            noise = 0.0
+        elif noise_groups is None:
+            noise = self.noise.sample(rng, n, (self.stamp_size, self.stamp_size))
+        else:
+            grp = np.asarray(noise_groups, dtype=np.int64)
+            noise = self.noise.sample(rng, int(grp.max()) + 1, (self.stamp_size, self.stamp_size))[grp]
         stamps = (clean + noise).astype(np.float32)
         if self.noise is not None:
             snr = self.noise.snr(np.where(ok[:, None, None], clean, 0.0))
