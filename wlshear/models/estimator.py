@@ -11,7 +11,15 @@ File format (``torch.save`` of a dict, readable with ``torch.load(weights_only=T
      "net": {"class_path": "wlshear.models.architectures.PaperCNN", "kwargs": {...}},
      "state_dict": {...}, "calibration": {"m1", "c1", "m2", "c2"},
      "normalize": True, "metadata": {...plain Python types...},
-     "surface": None or {...CalibrationSurface.to_dict()...}}
+     "surface": None or {...CalibrationSurface.to_dict()...},
+     "metacal": None or {...MetacalSettings.to_dict()...}, "counterfactual_input": bool}
+
+Metacalibration (``../shared/method.md``, last section): with ``metacal`` settings in the file (any
+estimator trained with ``metacal=default``, or settings given by hand), :meth:`ShearEstimator.metacal`
+returns the network's shear on the no-shear counterfactual image and the per-galaxy response
+``R`` measured on the +-d counterfactuals, from the file alone. ``counterfactual_input`` marks a
+network trained on counterfactual images: :meth:`ShearEstimator.predict` then applies the no-shear
+counterfactual (with fixnoise) to raw stamps itself.
 
 Optional conditional calibration: ``surface`` (a :class:`wlshear.calibration.CalibrationSurface`)
 corrects the globally calibrated shears per galaxy, ``(g - c(o)) / (1 + m(o))``, with the
@@ -39,6 +47,7 @@ from tqdm.auto import tqdm
 from wlshear.models.architectures import build_net, net_spec
 from wlshear.models.normalize import normalize_stamps
 from wlshear.models.symmetry import symmetrize
+from wlshear.sim.metacal import SHEAR_NAMES, MetacalOperator, MetacalSettings
 from wlshear.utils.plain import to_plain as _plain
 
 __all__ = ["ShearEstimator", "load_estimator", "FORMAT_NAME", "FORMAT_VERSION"]
@@ -63,6 +72,10 @@ class ShearEstimator:
         device: torch device to run on.
         surface: optional :class:`wlshear.calibration.CalibrationSurface` (or its dict) applied per
             galaxy after the global calibration, on observables measured on the stamps.
+        metacal: optional metacalibration settings (:class:`~wlshear.sim.metacal.MetacalSettings`,
+            its dict, or a ``MetacalOperator``) used by :meth:`metacal`.
+        counterfactual_input: the network was trained on no-shear counterfactual images; raw stamps
+            are mapped to that domain (with fixnoise) before the network in every prediction.
     """
 
     def __init__(
@@ -73,6 +86,8 @@ class ShearEstimator:
         normalize: bool = True,
         device: str | torch.device = "cpu",
         surface: Any = None,
+        metacal: Any = None,
+        counterfactual_input: bool = False,
     ) -> None:
         if isinstance(getattr(net, "net", None), nn.Module) and not hasattr(net, "head"):
             net = net.net  # unwrap a ShearRegressor (LightningModule) or ShearEstimator
@@ -88,6 +103,24 @@ class ShearEstimator:
         self.surface = None
         if surface is not None:
             self.set_surface(surface)
+        self.metacal_operator: MetacalOperator | None = None
+        if metacal is not None:
+            self.set_metacal(metacal)
+        self.counterfactual_input = bool(counterfactual_input)
+        if self.counterfactual_input and self.metacal_operator is None:
+            raise ValueError("counterfactual_input=True needs the metacal settings the network was trained with")
+
+    # ------------------------------------------------------------------ metacalibration settings
+    def set_metacal(self, metacal: Any) -> None:
+        """Attach metacal settings (``MetacalSettings``, its dict, a ``MetacalOperator``; None removes)."""
+        if metacal is None:
+            self.metacal_operator = None
+        elif isinstance(metacal, MetacalOperator):
+            self.metacal_operator = metacal
+        elif isinstance(metacal, (MetacalSettings, Mapping)):
+            self.metacal_operator = MetacalOperator(metacal)
+        else:
+            raise ValueError(f"metacal must be MetacalSettings, its dict or a MetacalOperator, got {type(metacal).__name__}")
 
     # ------------------------------------------------------------------ conditional calibration
     def set_surface(self, surface: Any) -> None:
@@ -122,27 +155,108 @@ class ShearEstimator:
         symmetrize: bool = True,
         batch_size: int = 4096,
         progress: bool = False,
+        seed: int | None = 0,
     ) -> np.ndarray:
-        """Uncalibrated network shears ``(N, 2)`` float64 for raw stamps ``(N, H, W)`` or ``(N, 1, H, W)``."""
-        x = torch.as_tensor(np.asarray(stamps) if not isinstance(stamps, torch.Tensor) else stamps)
-        if x.ndim == 2:
-            raise ValueError(f"expected a batch of stamps (N, H, W); got one stamp {tuple(x.shape)}: use stamps[None]")
-        if x.ndim == 4 and x.shape[1] == 1:
-            x = x[:, 0]
-        if x.ndim != 3:
-            raise ValueError(f"stamps must be (N, H, W) or (N, 1, H, W), got shape {tuple(x.shape)}")
+        """Uncalibrated network shears ``(N, 2)`` float64 for raw stamps ``(N, H, W)`` or ``(N, 1, H, W)``.
+
+        ``seed`` seeds the fixnoise fields when the network takes counterfactual images
+        (``counterfactual_input``); None draws fresh ones.
+        """
+        x = _as_stamps(stamps)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.net.eval()
         dtype = next(self.net.parameters()).dtype
         out = np.empty((x.shape[0], 2), dtype=np.float64)
         starts = range(0, x.shape[0], batch_size)
+        gen = _generator(seed) if self.counterfactual_input else None
         for s in tqdm(starts, desc="CNN shear", disable=not progress):
             xb = x[s : s + batch_size].to(device=self.device, dtype=dtype).unsqueeze(1)
+            if self.counterfactual_input:
+                xb = self._noshear(xb, gen)
             if self.normalize:
                 xb = normalize_stamps(xb)
             g = _symmetrize(self.net, xb) if symmetrize else self.net(xb)
             out[s : s + batch_size] = g.double().cpu().numpy()
+        return out
+
+    def _noshear(self, xb: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        op = self.metacal_operator
+        finite = torch.isfinite(xb.reshape(len(xb), -1)).all(dim=1)
+        out = torch.full_like(xb, float("nan"))  # non-finite stamps stay non-finite (NaN rows)
+        if finite.any():
+            noise = op.sample_noise(int(finite.sum()), "cpu", torch.float32, gen).to(xb) if op.adds_noise else None
+            cf = op.counterfactuals(xb[finite], ("noshear",), noise=noise)
+            out[finite] = cf.to(xb)
+        return out
+
+    @torch.no_grad()
+    def metacal(
+        self,
+        stamps: np.ndarray | torch.Tensor,
+        symmetrize: bool = True,
+        batch_size: int = 1024,
+        seed: int | None = 0,
+        return_sheared: bool = False,
+        progress: bool = False,
+    ) -> dict[str, np.ndarray]:
+        """Metacalibration of raw observed stamps ``(N, 32, 32)`` [counts] (as :meth:`predict` takes).
+
+        Each stamp is mapped to five counterfactual images (no shear, and +-d on each component,
+        with fixnoise; ``wlshear.sim.metacal``), the network (symmetry-averaged if ``symmetrize``)
+        measures all five, and:
+
+        - ``"g"``: ``(N, 2)`` network shears on the no-shear counterfactual (no simulation
+          calibration: the response replaces it);
+        - ``"R"``: ``(N, 2, 2)`` per-galaxy responses ``R[:, i, j] = (g_i(+d_j) - g_i(-d_j)) / (2 d)``;
+        - ``"failed"``: ``(N,)`` bool, True for stamps with non-finite pixels (their rows are NaN);
+        - with ``return_sheared``: ``"g_sheared"`` ``(N, 4, 2)`` on the 1p, 1m, 2p, 2m images (for
+          selection responses, ``wlshear.calibration.metacal.selection_response``).
+
+        The ensemble shear is ``<R>^-1 <g>`` (``wlshear.calibration.metacal.ensemble_shear``).
+        ``seed`` seeds the fixnoise fields (None: fresh ones each call).
+        """
+        op = self.metacal_operator
+        if op is None:
+            raise ValueError(
+                "this estimator carries no metacal settings: train it with `python train.py metacal=default` "
+                "(the settings are then saved in estimator_refit.pt), or attach them with "
+                "est.set_metacal(wlshear.sim.metacal.MetacalSettings(noise_scale=...))"
+            )
+        x = _as_stamps(stamps)
+        n_pix = op.settings.stamp_size
+        if tuple(x.shape[1:]) != (n_pix, n_pix):
+            raise ValueError(f"metacal needs stamps of shape (N, {n_pix}, {n_pix}), got {tuple(x.shape)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        names = tuple(SHEAR_NAMES)  # noshear, 1p, 1m, 2p, 2m
+        n = x.shape[0]
+        raw = np.full((n, len(names), 2), np.nan)
+        x32 = x.float()
+        failed = ~torch.isfinite(x32.reshape(n, -1)).all(dim=1).numpy()
+        gen = _generator(seed)
+        dtype = next(self.net.parameters()).dtype
+        self.net.eval()
+        for s in tqdm(range(0, n, batch_size), desc="metacal", disable=not progress):
+            idx = np.arange(s, min(s + batch_size, n))
+            idx = idx[~failed[idx]]
+            if len(idx) == 0:
+                continue
+            xb = x32[idx]
+            noise = op.sample_noise(len(idx), "cpu", torch.float32, gen) if op.adds_noise else None
+            cf = op.counterfactuals(xb, names, noise=noise)  # (B, 5, n, n) float32
+            flat = cf.reshape(-1, 1, n_pix, n_pix).to(device=self.device, dtype=dtype)
+            if self.normalize:
+                flat = normalize_stamps(flat)
+            g = _symmetrize(self.net, flat) if symmetrize else self.net(flat)
+            raw[idx] = g.double().cpu().numpy().reshape(len(idx), len(names), 2)
+        d = op.settings.step
+        resp = np.empty((n, 2, 2))
+        resp[:, :, 0] = (raw[:, 1] - raw[:, 2]) / (2 * d)
+        resp[:, :, 1] = (raw[:, 3] - raw[:, 4]) / (2 * d)
+        out = {"g": raw[:, 0].copy(), "R": resp, "failed": failed}
+        if return_sheared:
+            out["g_sheared"] = raw[:, 1:].copy()
         return out
 
     def calibrate(self, g_raw: np.ndarray) -> np.ndarray:
@@ -197,6 +311,8 @@ class ShearEstimator:
             "normalize": self.normalize,
             "metadata": _plain(self.metadata),
             "surface": None if self.surface is None else _plain(self.surface.to_dict()),
+            "metacal": None if self.metacal_operator is None else _plain(self.metacal_operator.to_dict()),
+            "counterfactual_input": self.counterfactual_input,
             "torch_version": str(torch.__version__),
         }
 
@@ -212,12 +328,34 @@ class ShearEstimator:
     def __repr__(self) -> str:
         return (
             f"ShearEstimator(net={type(self.net).__name__}, calibration={self.calibration}, "
-            f"normalize={self.normalize}, surface={self.surface!r}, device={self.device})"
+            f"normalize={self.normalize}, surface={self.surface!r}, metacal={self.metacal_operator!r}, "
+            f"counterfactual_input={self.counterfactual_input}, device={self.device})"
         )
 
 
 def _symmetrize(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return symmetrize(net, x)
+
+
+def _as_stamps(stamps: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """``(N, H, W)`` tensor from ``(N, H, W)`` / ``(N, 1, H, W)`` arrays, with clear shape errors."""
+    x = torch.as_tensor(np.asarray(stamps) if not isinstance(stamps, torch.Tensor) else stamps)
+    if x.ndim == 2:
+        raise ValueError(f"expected a batch of stamps (N, H, W); got one stamp {tuple(x.shape)}: use stamps[None]")
+    if x.ndim == 4 and x.shape[1] == 1:
+        x = x[:, 0]
+    if x.ndim != 3:
+        raise ValueError(f"stamps must be (N, H, W) or (N, 1, H, W), got shape {tuple(x.shape)}")
+    return x
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(int(seed))
+    return gen
 
 
 def _read(path: Path, map_location: Any, weights_only: bool) -> Any:
@@ -270,6 +408,8 @@ def load_estimator(
         metadata = obj.get("metadata") or {}
         normalize = bool(obj.get("normalize", True))
         surface = obj.get("surface")
+        metacal = obj.get("metacal")
+        counterfactual_input = bool(obj.get("counterfactual_input", False))
     elif "state_dict" in obj and "hyper_parameters" in obj:
         hp = obj["hyper_parameters"] or {}
         spec = hp.get("net_spec")
@@ -288,6 +428,8 @@ def load_estimator(
                     "epoch": obj.get("epoch"), "global_step": obj.get("global_step")}
         normalize = True
         surface = None
+        metacal = (hp.get("metacal_settings") or None)
+        counterfactual_input = metacal is not None
     else:
         raise ValueError(
             f"{path} is neither a wlshear estimator file (format={obj.get('format')!r}) nor a "
@@ -301,6 +443,6 @@ def load_estimator(
         raise ValueError(f"{path}: weights do not match the saved architecture {spec.get('class_path')}: {exc}") from exc
     try:
         return ShearEstimator(net, calibration=calibration, metadata=metadata, normalize=normalize, device=device,
-                              surface=surface)
+                              surface=surface, metacal=metacal, counterfactual_input=counterfactual_input)
     except ValueError as exc:
         raise ValueError(f"{path}: invalid calibration surface: {exc}") from exc

@@ -101,6 +101,10 @@ class ShearRegressor(L.LightningModule):
         init_from: optional estimator file / Lightning checkpoint whose network weights initialise
             ``net`` (fine-tuning). Not saved in the hparams as a path to load again (a checkpoint
             restores its own weights); recorded as ``hparams["init_from_desc"]``.
+        input_transform: optional :class:`wlshear.sim.metacal.MetacalOperator`: every batch (train,
+            validation, test, predict) is mapped to its no-shear metacal counterfactual (with
+            fixnoise) before normalisation, so the network learns the images it sees under
+            metacalibration. Its settings are saved as ``hparams["metacal_settings"]``.
 
     Grouped batches: ``y`` of shape ``(B, K, 2)`` with ``x`` ``(B, K, H, W)`` hold B groups of K
     stamps of one galaxy each; they are flattened to ``B * K`` stamps with group ids for the objective.
@@ -116,6 +120,7 @@ class ShearRegressor(L.LightningModule):
         shear_max: float = 0.2,
         objective: Any = None,
         init_from: str | None = None,
+        input_transform: Any = None,
     ) -> None:
         super().__init__()
         from wlshear.models.objectives import build_objective
@@ -128,7 +133,7 @@ class ShearRegressor(L.LightningModule):
                     objective = OmegaConf.to_container(objective, resolve=True)
             except ImportError:  # pragma: no cover
                 pass
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "init_from"], logger=False)
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "init_from", "input_transform"], logger=False)
         self.objective = build_objective(objective)
         if init_from:
             from wlshear.models.estimator import load_estimator
@@ -149,6 +154,8 @@ class ShearRegressor(L.LightningModule):
         self.hparams["scheduler_desc"] = _describe(scheduler)
         self.hparams["objective_desc"] = repr(self.objective)
         self.hparams["init_from_desc"] = None if not init_from else str(init_from)
+        self.input_transform = input_transform
+        self.hparams["metacal_settings"] = None if input_transform is None else input_transform.to_dict()
         self._eval_outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
 
     # ------------------------------------------------------------------ inference helpers
@@ -158,7 +165,10 @@ class ShearRegressor(L.LightningModule):
             x = x.unsqueeze(1)
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"stamps must be (B, H, W) or (B, 1, H, W), got shape {tuple(x.shape)}")
-        return normalize_stamps(x.to(device=self.device, dtype=self.dtype))
+        x = x.to(device=self.device, dtype=self.dtype)
+        if self.input_transform is not None:
+            x = self.input_transform.noshear(x)
+        return normalize_stamps(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Shear ``(B, 2)`` for raw stamps ``(B, H, W)`` / ``(B, 1, H, W)`` (no symmetry average)."""

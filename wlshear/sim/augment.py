@@ -115,3 +115,41 @@ def sample_params(rng: np.random.Generator, n: int, weights: np.ndarray, aug: Au
         q.rotation = (q.rotation + np.pi / 2) % (2 * np.pi)
         p = StampParams.concat([p, q])
     return p
+
+
+def shear_pair_params(galaxy_ids, n_orient: int, shear: float, rng: np.random.Generator,
+                      mirror: bool = True) -> tuple[StampParams, np.ndarray, dict[str, np.ndarray]]:
+    """The +-g common-noise design with 90-degree ring twins, for shear-bias measurements.
+
+    For each galaxy id and each of ``n_orient`` random orientations (rotation U[0, 2 pi), mirror
+    with p = 0.5 when ``mirror``), the galaxy is drawn at that orientation and at +90 degrees (ring
+    twin), each under four shears: (+shear, 0), (-shear, 0), (0, +shear), (0, -shear). The two
+    stamps of opposite shear share one noise realisation, so noise cancels in their difference.
+    No magnification, no centroid shift.
+
+    Returns ``(params, noise_groups, design)``: ``noise_groups`` for ``StampRenderer.render``;
+    ``design`` holds ``unit`` (galaxy x orientation index, the independent unit for errors),
+    ``component`` (0 or 1: which shear component is non-zero) and ``sign`` (+1 / -1) per stamp.
+    ``pair_id`` of the params is the unit index.
+    """
+    if n_orient < 1:
+        raise ValueError(f"n_orient must be >= 1, got {n_orient}")
+    if not 0 < shear < 1:
+        raise ValueError(f"shear must be in (0, 1), got {shear}")
+    gid = np.repeat(np.asarray(galaxy_ids, dtype=np.int64), n_orient)
+    n_units = len(gid)
+    rot = rng.uniform(0, 2 * np.pi, n_units)
+    mir = (rng.random(n_units) < 0.5) if mirror else np.zeros(n_units, bool)
+    # per unit: 2 ring twins x 2 components x 2 signs = 8 stamps
+    twin = np.tile(np.repeat([0, 1], 4), n_units)
+    comp = np.tile(np.repeat([0, 1, 0, 1], 2), n_units)
+    sign = np.tile([1, -1], 4 * n_units)
+    unit = np.repeat(np.arange(n_units), 8)
+    g = np.zeros((8 * n_units, 2))
+    g[np.arange(8 * n_units), comp] = sign * shear
+    rotation = (rot[unit] + twin * np.pi / 2) % (2 * np.pi)
+    zeros = np.zeros(8 * n_units)
+    params = StampParams(gid[unit], g[:, 0], g[:, 1], rotation, mir[unit], np.ones(8 * n_units),
+                         zeros, zeros.copy(), unit)
+    noise_groups = np.arange(8 * n_units) // 2  # the (+, -) stamps of one twin and component
+    return params, noise_groups, {"unit": unit, "component": comp, "sign": sign}

@@ -241,12 +241,14 @@ class StampRenderer:
         raw, failures = _BACKENDS[self.backend](self, params, size)
         return self.postprocess(raw), failures
 
-    def render(self, params: StampParams, rng: np.random.Generator, noise_groups=None) -> StampBatch:
+    def render(self, params: StampParams, rng: np.random.Generator, noise_groups=None,
+               keep_failed: bool = False) -> StampBatch:
         """Noisy stamps and metadata for ``params``; failed stamps are dropped and recorded.
 
         ``noise_groups``: optional ``(N,)`` non-negative group index per stamp; stamps of one group
         share one noise realisation (e.g. the same galaxy under several shears). Default: every
-        stamp has its own noise.
+        stamp has its own noise. ``keep_failed``: keep failed stamps as all-NaN rows (still
+        recorded in ``failures``), so rows stay aligned with ``params`` (paired designs).
         """
         clean, failures = self.draw_noiseless(params)
         ok = np.all(np.isfinite(clean), axis=(1, 2))
@@ -272,7 +274,42 @@ class StampRenderer:
         fail_info = [(int(params.galaxy_id[i]), msg) for i, msg in failures]
         for gid, msg in fail_info:
             log.warning("skipped galaxy %d: %s", gid, msg)
+        if keep_failed:
+            stamps[~ok] = np.nan
+            return StampBatch(stamps, meta, fail_info)
         return StampBatch(stamps[ok], {k: v[ok] for k, v in meta.items()}, fail_info)
+
+    def render_shear_pairs(self, galaxy_ids, n_orient: int, shear: float, seed, chunk: int = 4000,
+                           progress: bool = False) -> tuple[StampBatch, dict]:
+        """Stamps of the +-g common-noise ring design (``wlshear.sim.augment.shear_pair_params``).
+
+        Rows stay aligned with the design: a failed stamp is an all-NaN row (and recorded in
+        ``failures``). Returns ``(batch, design)``; ``chunk`` (a multiple of 8) stamps share one
+        child noise stream, so the result is independent of how it is split into calls.
+        """
+        from wlshear.sim.augment import shear_pair_params
+
+        if chunk % 8:
+            raise ValueError(f"chunk must be a multiple of 8, got {chunk}")
+        ss = np.random.SeedSequence(seed)
+        p_seq, n_seq = ss.spawn(2)
+        params, groups, design = shear_pair_params(galaxy_ids, n_orient, shear, np.random.default_rng(p_seq))
+        starts = range(0, len(params), chunk)
+        children = n_seq.spawn(len(starts))
+        it = zip(starts, children)
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, total=len(starts), desc=f"rendering {len(params)} +-g stamps ({self.source.name})")
+        parts = []
+        for s, child in it:
+            sub = slice(s, s + chunk)
+            grp = groups[sub] - groups[sub][0]
+            parts.append(self.render(params.subset(sub), np.random.default_rng(child), noise_groups=grp,
+                                     keep_failed=True))
+        stamps = np.concatenate([b.stamps for b in parts])
+        meta = {k: np.concatenate([b.meta[k] for b in parts]) for k in parts[0].meta}
+        return StampBatch(stamps, meta, [f for b in parts for f in b.failures]), design
 
     def metadata(self, params: StampParams) -> dict:
         cat = self.source.catalog

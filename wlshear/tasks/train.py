@@ -219,6 +219,36 @@ def evaluate_estimator(estimator: ShearEstimator, test_set, symmetrize: bool = T
     return out, g_est
 
 
+def _counterfactual_batches(loader, op, seed: int):
+    """``(x, y, ...)`` batches of ``loader`` with ``x`` mapped to its no-shear metacal counterfactual."""
+    gen = torch.Generator().manual_seed(seed)
+
+    class _Batches:
+        def __len__(self):
+            return len(loader)
+
+        def __iter__(self):
+            for batch in loader:
+                x = torch.as_tensor(batch[0]).float()
+                noise = op.sample_noise(len(x), "cpu", torch.float32, gen) if op.adds_noise else None
+                yield (op.counterfactuals(x, ("noshear",), noise=noise)[:, 0], *batch[1:])
+
+    return _Batches()
+
+
+def evaluate_metacal(estimator: ShearEstimator, test_set, symmetrize: bool = True) -> dict:
+    """m, c and sigma of the metacal-calibrated shear ``<R>^-1 g`` on a cached set (ring pairs
+    averaged when present); ``R_mean`` is the ensemble response."""
+    from wlshear.calibration.metacal import ensemble_response
+
+    res = estimator.metacal(test_set.stamps, symmetrize=symmetrize)
+    r_mean = ensemble_response(res["R"])
+    g_cal = res["g"] @ np.linalg.inv(r_mean).T
+    out = bias_summary(test_set.batch.shear.astype(np.float64), g_cal, pair_ids=test_set.meta.get("pair_id"))
+    out["R_mean"] = r_mean.tolist()
+    return out
+
+
 def run(cfg: DictConfig) -> dict:
     """Train, refit, evaluate. Returns the metrics dict (also written to metrics.json)."""
     t0 = time.time()
@@ -237,7 +267,10 @@ def run(cfg: DictConfig) -> dict:
     log.info("building data <%s>", cfg.data._target_)
     dm = instantiate(cfg.data)
     log.info("building model <%s>", cfg.model._target_)
-    model = instantiate(cfg.model)
+    metacal_op = instantiate(cfg.metacal) if cfg.get("metacal") else None
+    if metacal_op is not None:
+        log.info("metacal: training, refit and validation on no-shear counterfactual images (%r)", metacal_op)
+    model = instantiate(cfg.model, input_transform=metacal_op)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = build_loggers(cfg, out_dir, ckpt_path)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -269,17 +302,20 @@ def run(cfg: DictConfig) -> dict:
     metrics["val_mse_prior"] = float(cfg.data.augment.shear_max**2 / 3)
     log.info("validation MSE %.5f (prior variance %.5f)", val_mse, metrics["val_mse_prior"])
     meta = {"config": hp, "val_mse": val_mse}
-    ShearEstimator(model.net, metadata=meta).save(out_dir / "estimator.pt")
+    mc = dict(metacal=metacal_op, counterfactual_input=metacal_op is not None)
+    ShearEstimator(model.net, metadata=meta, **mc).save(out_dir / "estimator.pt")
 
-    estimator = ShearEstimator(model.net, metadata=meta)
+    estimator = ShearEstimator(model.net, metadata=meta, **mc)
     if cfg.refit.enabled:
         refit = dm.refit_set(cfg.refit.n)
         loader = torch.utils.data.DataLoader(refit, batch_size=cfg.refit.batch_size, shuffle=False)
+        if metacal_op is not None:
+            loader = _counterfactual_batches(loader, metacal_op, seed=int(cfg.seed))
         new_net, diag = refit_head(model.net, loader, shear_max=cfg.data.augment.shear_max, progress=True)
         metrics["refit"] = {k: v for k, v in diag.items() if np.ndim(v) == 0 or k in ("L", "m")}
         # final linear calibration of the symmetrised refit estimator, fitted on the refit set
         # (never on the test set)
-        est = ShearEstimator(new_net, metadata=meta)
+        est = ShearEstimator(new_net, metadata=meta, **mc)
         cal = fit_bias(refit.batch.shear, est.predict(refit.stamps, symmetrize=cfg.evaluate.symmetrize))
         try:
             est.set_calibration(m1=cal.m[0], c1=cal.c[0], m2=cal.m[1], c2=cal.c[1])
@@ -301,13 +337,15 @@ def run(cfg: DictConfig) -> dict:
         dm.setup("test")
         test = dm.test_set
         results = {}
-        raw = ShearEstimator(model.net)
+        raw = ShearEstimator(model.net, **mc)
         results["cnn"], _ = evaluate_estimator(raw, test, symmetrize=False)
         results["cnn_sym"], _ = evaluate_estimator(raw, test, symmetrize=True)
         if cfg.refit.enabled:
             results["cnn_refit_sym"], g_est = evaluate_estimator(estimator, test, symmetrize=cfg.evaluate.symmetrize)
         else:
             g_est = _predict(raw, test.stamps, True)
+        if metacal_op is not None:
+            results["cnn_metacal"] = evaluate_metacal(estimator, test, symmetrize=cfg.evaluate.symmetrize)
         metrics["test"] = results
         best_key = "cnn_refit_sym" if cfg.refit.enabled else "cnn_sym"
         metrics["summary"] = {k: results[best_key][k] for k in ("m1", "m2", "c1", "c2", "sigma1", "sigma2")}
