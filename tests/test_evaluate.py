@@ -34,6 +34,8 @@ def _cfg(tmp_path: Path, overrides: list[str]):
         "studies.noise.levels=[1.0,0.25]",
         "studies.shear.bins=4",
         "studies.magnitude.bins=2",
+        "studies.metacal.n=16",
+        "studies.metacal.real.n_orient=1",
     ]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose("evaluate.yaml", overrides=base + overrides)

@@ -227,3 +227,34 @@ def test_acceptance_profile_truth_and_baseline(mock_dir, run_result):
     _profile_checks(prof, nfw, 0.55, 1.3, 3.5)
     ok = np.isfinite(np.asarray(csv["r_mean"], dtype=float))
     np.testing.assert_allclose(csv["gt_nfw"][ok], nfw_gt_model(np.asarray(csv["r_mean"][ok], dtype=float), nfw))
+
+
+def test_metacal_calibration_choice(mock_dir, tmp_path):
+    """shear_calibration=metacal: shears divided by the field's <R>, R per galaxy in the catalogue; an
+    estimator without metacal settings is refused before any cluster is processed."""
+    from wlshear.sim.metacal import MetacalSettings
+
+    src, _ = mock_dir
+    plain = ShearEstimator(PaperCNN()).save(tmp_path / "plain.pt")
+    good = {"name": NAME, "dir": str(src), "redshift": 0.3}
+    cfg = _compose(tmp_path, [f"estimator={plain}", "shear_calibration=metacal"])
+    cfg.clusters = [good]
+    with pytest.raises(ValueError, match="needs an estimator trained with `metacal=default`"):
+        run(cfg)
+    with pytest.raises(ValueError, match="shear_calibration=.sky."):
+        bad = _compose(tmp_path, [f"estimator={plain}", "shear_calibration=sky"])
+        bad.clusters = [good]
+        run(bad)
+    est = ShearEstimator(PaperCNN(), metacal=MetacalSettings()).save(tmp_path / "mc.pt")
+    cfg = _compose(tmp_path, [f"estimator={est}", "shear_calibration=metacal", "maps.scales_arcsec=[19.5]"])
+    cfg.clusters = [good]
+    summary = run(cfg)
+    cl = summary["clusters"][NAME]
+    assert np.asarray(cl["metacal_R_mean"]).shape == (2, 2)
+    cat = Table.read(tmp_path / "out" / NAME / f"{NAME}_shear_catalogue.fits")
+    assert cat.meta["CALIB"] == "metacal"
+    use = cat["flags"] == 0
+    for k in ("R11", "R12", "R21", "R22"):
+        assert np.isfinite(cat[k][use]).all()
+    r_mean = np.array([[cat["R11"][use].mean(), cat["R12"][use].mean()], [cat["R21"][use].mean(), cat["R22"][use].mean()]])
+    assert np.allclose(r_mean, cl["metacal_R_mean"])

@@ -279,3 +279,33 @@ def test_train_switch_trains_on_counterfactuals(tmp_path, backend):
     x = CorrelatedNoise(None, 1.0).sample(np.random.default_rng(0), 4)
     out = est.metacal(x)
     assert out["R"].shape == (4, 2, 2) and np.isfinite(out["R"]).all()
+
+
+def test_evaluate_metacal_study(tmp_path, cosmos_real_dir):
+    """evaluate.py's metacal rows on the test set and per-magnitude rows on the real galaxies."""
+    import json
+
+    from wlshear.models.architectures import PaperCNN
+    from wlshear.tasks.evaluate import run
+
+    est = ShearEstimator(PaperCNN(), metacal=MetacalSettings()).save(tmp_path / "run" / "estimator.pt")
+    off = [f"studies.{s}.enabled=false" for s in ("magnitude", "conditional", "shear", "centroid", "background", "noise")]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("evaluate.yaml", overrides=[
+            f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}",
+            "extras.print_config=false", "data.source.n_galaxies=200", "data.source.p_knots=0.0", "test.n=32",
+            "bootstrap=10", f"run_dir={est.parent}", "baselines.names=[moments,ksb]", "studies.baselines=[moments]",
+            *off, f"studies.metacal.real.dir={cosmos_real_dir}", "studies.metacal.real.n_orient=1"])
+    run(cfg)
+    out = tmp_path / "out"
+    for f in ("metacal_test.csv", "metacal_real.csv", "metacal_real.png"):
+        assert (out / f).is_file(), f
+    res = json.loads((out / "results.json").read_text())["studies"]["metacal"]
+    assert {"cnn_metacal", "moments_metacal"} <= set(res["test_set"])
+    rows = res["real_rows"]
+    names = {r["estimator"] for r in rows}
+    assert {"cnn_metacal", "cnn_sim", "moments", "moments_metacal", "ksb"} <= names
+    bins = {r["bin"] for r in rows if r["estimator"] == "moments_metacal"}
+    assert bins == {"all", "0-23", "23-24", "24-25"}
+    mm = [r for r in rows if r["estimator"] == "moments_metacal" and r["bin"] == "all"][0]
+    assert np.isfinite(mm["m1"]) and mm["n_units"] == res["real_stamps"] // 8

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 
 from .bias import fit_bias, valid_rows  # noqa: E402
 
-__all__ = ["plot_shear_scatter", "plot_binned", "plot_stamp_grid"]
+__all__ = ["plot_shear_scatter", "plot_binned", "plot_stamp_grid", "plot_bin_bias"]
 
 
 def _save(fig, path) -> Path:
@@ -114,4 +114,30 @@ def plot_stamp_grid(stamps, path, ncols: int = 8, titles=None, normalise: bool =
         if titles is not None:
             ax.set_title(str(titles[i]), fontsize=6)
     fig.subplots_adjust(wspace=0.05, hspace=0.25)
+    return _save(fig, path)
+
+
+def plot_bin_bias(rows: list[dict], path, title: str | None = None, label_key: str = "estimator") -> Path:
+    """m1 and m2 with errors per bin (``lo``-``hi``) for each estimator: one panel per component.
+
+    ``rows``: dicts with ``lo``, ``hi``, ``m1``, ``m1_err``, ``m2``, ``m2_err`` and ``label_key``.
+    A grey band marks |m| < 0.01.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    names = list(dict.fromkeys(r[label_key] for r in rows))
+    for j, ax in enumerate(axes, start=1):
+        ax.axhspan(-0.01, 0.01, color="0.85", zorder=0)
+        ax.axhline(0, color="k", lw=0.8)
+        for k, name in enumerate(names):
+            rr = [r for r in rows if r[label_key] == name and np.isfinite(r.get(f"m{j}", np.nan))]
+            if not rr:
+                continue
+            x = np.array([0.5 * (r["lo"] + r["hi"]) for r in rr]) + 0.06 * (k - len(names) / 2)
+            ax.errorbar(x, [r[f"m{j}"] for r in rr], yerr=[r[f"m{j}_err"] for r in rr], fmt="o-", ms=4,
+                        capsize=2, label=name)
+        ax.set_xlabel("bin (e.g. F814W magnitude)")
+        ax.set_ylabel(f"m{j}")
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
     return _save(fig, path)

@@ -206,6 +206,13 @@ def _transfer(kx: np.ndarray, ky: np.ndarray, g1: float, g2: float, s: MetacalSe
     return np.where(np.isfinite(w), w, 0.0)
 
 
+def _geometry(s: MetacalSettings) -> MetacalSettings:
+    """The settings that define the matrices (noise settings do not): the cache key."""
+    return MetacalSettings(psf_fwhm=s.psf_fwhm, pixel_scale=s.pixel_scale, stamp_size=s.stamp_size,
+                           reconv_factor=s.reconv_factor, step=s.step, maxk_threshold=s.maxk_threshold,
+                           oversample=s.oversample, interpolant=s.interpolant)
+
+
 @lru_cache(maxsize=32)
 def _matrix_cached(g1: float, g2: float, s: MetacalSettings) -> np.ndarray:
     from scipy.ndimage import map_coordinates
@@ -233,7 +240,7 @@ def _matrix_cached(g1: float, g2: float, s: MetacalSettings) -> np.ndarray:
 def counterfactual_matrix(g1: float, g2: float, settings: MetacalSettings | None = None) -> np.ndarray:
     """``M_d`` (float64, ``(n^2, n^2)``, row = output pixel, column = input pixel, row-major (y, x))."""
     s = settings or MetacalSettings()
-    return _matrix_cached(float(g1), float(g2), s).copy()
+    return _matrix_cached(float(g1), float(g2), _geometry(s)).copy()
 
 
 def _rotated(m: np.ndarray, n: int) -> np.ndarray:

@@ -27,6 +27,9 @@ Studies (``studies.*.enabled``), each written as a CSV and a PNG:
 - ``noise_levels``: sigma and m at noise_scale K, K/2, K/4 (same galaxies and shears at every
   level), with a model per level when ``studies.noise.checkpoints`` gives one, else the main
   CNN(s) at every level (recorded in the notes).
+- ``metacal``: metacal-calibrated rows (``<R>^-1 g``) for every CNN and the moments baseline on the
+  test set, and per-magnitude-bin m, c on real COSMOS galaxies (validation only) in the +-g
+  common-noise design (``wlshear.tasks.metacal_study``), ``metacal_test.csv``, ``metacal_real.csv/png``.
 
 In the studies ``sigma`` is recalibrated on the study set itself; ``sigma_fixed`` keeps the
 calibration measured on the main test set (what a survey applying a fixed calibration would see).
@@ -740,6 +743,21 @@ def run(cfg: DictConfig) -> dict:
         studies["noise_levels"] = {"csv": "noise_levels.csv", "png": "noise_levels.png", "rows": rows,
                                    "per_level_models": {str(k): str(v) for k, v in noise_ckpts.items()}}
 
+    mccfg = st.get("metacal") or {}
+    if mccfg.get("enabled", False):
+        from wlshear.tasks.metacal_study import metacal_study
+
+        mccfg = OmegaConf.to_container(mccfg, resolve=True) if isinstance(mccfg, DictConfig) else dict(mccfg)
+        n_mc = mccfg.get("n")
+        sel = np.ones(len(test), bool) if n_mc is None else (
+            pair_ids < int(n_mc) // 2 if pair_ids is not None else np.arange(len(test)) < int(n_mc))
+        study, mc_notes = metacal_study(mccfg, stamps=stamps[sel], g_true=g_true[sel],
+                                        pair_ids=pair_ids[sel] if pair_ids is not None else None, cnns=cnns,
+                                        baselines=baselines, renderer=renderer, data_cfg=data_cfg, out_dir=out_dir,
+                                        seed=seed)
+        studies["metacal"] = study
+        notes += mc_notes
+
     # -- write -----------------------------------------------------------------------------
     results = {
         "run_dir": str(out_dir),
@@ -759,7 +777,8 @@ def run(cfg: DictConfig) -> dict:
     }
     for sname, s in studies.items():
         files[sname] = s["csv"]
-        files[f"{sname}_plot"] = s["png"]
+        if s.get("png"):
+            files[f"{sname}_plot"] = s["png"]
     write_json(results, out_dir / "results.json")
     (out_dir / "summary.md").write_text(_summary_markdown(results))
     log.info("wrote %s and %s", out_dir / "results.json", out_dir / "summary.md")

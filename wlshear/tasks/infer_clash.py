@@ -247,14 +247,31 @@ def process_cluster(c: dict, cfg, estimator, out_root: Path, rng: np.random.Gene
     y = np.asarray(det["y"], dtype=np.float64)
     sel = np.flatnonzero(flags == 0)
     g_cnn = np.full((len(det), 2), np.nan)
+    metacal = str(cfg.get("shear_calibration", "simulation")) == "metacal"
+    resp = np.full((len(det), 2, 2), np.nan)
     if sel.size:
         stamps, _, sflags = extract_stamps(field_.image, x[sel], y[sel], 32)
-        g, failed = estimator.predict_with_flags(stamps, symmetrize=bool(cfg.symmetrize),
-                                                 batch_size=int(cfg.batch_size), progress=progress)
+        if metacal:
+            mc = estimator.metacal(stamps, symmetrize=bool(cfg.symmetrize), batch_size=int(cfg.batch_size),
+                                   seed=int(cfg.seed), progress=progress)
+            g, failed = mc["g"], mc["failed"] | ~np.isfinite(mc["R"]).all(axis=(1, 2))
+            resp[sel] = mc["R"]
+        else:
+            g, failed = estimator.predict_with_flags(stamps, symmetrize=bool(cfg.symmetrize),
+                                                     batch_size=int(cfg.batch_size), progress=progress)
         failed |= sflags != 0
         g_cnn[sel] = np.where(failed[:, None], np.nan, g)
         flags[sel[failed]] |= FLAG_CNN_FAILED
     use = flags == 0
+    if metacal and use.any():
+        # metacal: every selected galaxy's shear divided by the field's mean response <R> (the cuts are
+        # made on the observed image's photometry, not on counterfactuals: no selection response)
+        from wlshear.calibration.metacal import ensemble_response
+
+        r_mean = ensemble_response(resp[use])
+        g_cnn[use] = g_cnn[use] @ np.linalg.inv(r_mean).T
+        summary["metacal_R_mean"] = r_mean.tolist()
+        log.info("[%s] metacal: <R> = %s over %d galaxies", name, np.round(r_mean, 4).tolist(), int(use.sum()))
     summary["n_cnn_failed"] = int(((flags & FLAG_CNN_FAILED) != 0).sum())
     summary["n_galaxies"] = int(use.sum())
     summary["density_per_arcmin2"] = float(use.sum() / ((~field_.bad).sum() * (field_.pixel_scale / 60) ** 2))
@@ -274,7 +291,12 @@ def process_cluster(c: dict, cfg, estimator, out_root: Path, rng: np.random.Gene
     if g_base is not None:
         catalogue["g1_base"] = g_base[:, 0]
         catalogue["g2_base"] = g_base[:, 1]
-    catalogue.meta.update({"CLUSTER": name, "FLAGBITS": "1 edge 2 badpix 4 lowivar 8 star 16 phot 32 unmatch 64 cnnfail"})
+    if metacal:
+        for i in (0, 1):
+            for j in (0, 1):
+                catalogue[f"R{i + 1}{j + 1}"] = resp[:, i, j]
+    catalogue.meta.update({"CLUSTER": name, "FLAGBITS": "1 edge 2 badpix 4 lowivar 8 star 16 phot 32 unmatch 64 cnnfail",
+                           "CALIB": "metacal" if metacal else "simulation"})
     cat_path = out / f"{name}_shear_catalogue.fits"
     catalogue.write(cat_path, overwrite=True)
     files = {"catalogue": str(cat_path)}
@@ -486,6 +508,12 @@ def run(cfg: DictConfig) -> dict:
         raise ValueError("infer_clash: set `estimator=<path>` (train.py writes <run_dir>/estimator_refit.pt)")
     clusters = _cluster_list(cfg)
     estimator = load_estimator(cfg.estimator)
+    calibration = str(cfg.get("shear_calibration", "simulation"))
+    if calibration not in ("simulation", "metacal"):
+        raise ValueError(f"shear_calibration={calibration!r}: use 'simulation' (the estimator's own calibration) or 'metacal'")
+    if calibration == "metacal" and estimator.metacal_operator is None:
+        raise ValueError(f"shear_calibration=metacal needs an estimator trained with `metacal=default` (its file carries "
+                         f"the metacal settings); {cfg.estimator} has none")
     log.info("estimator %s: %s", cfg.estimator, estimator)
     rng = np.random.default_rng(int(cfg.seed))
 
