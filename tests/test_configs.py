@@ -142,6 +142,20 @@ def test_debug_fast_composes(tmp_path):
     assert cfg.trainer.max_epochs == 1 and cfg.data.num_workers == 0
 
 
+def test_debug_fast_eval_composes_with_evaluate(tmp_path):
+    """evaluate.py's small-size option (the README test appends it to `python evaluate.py ...`)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        full = compose("evaluate.yaml", overrides=[f"paths.root_dir={tmp_path}"])
+        cfg = compose("evaluate.yaml", overrides=[f"paths.root_dir={tmp_path}", "debug=fast_eval"])
+    assert full.test.n == 150000 and cfg.test.n == 64 and cfg.bootstrap < full.bootstrap
+    assert cfg.studies.noise.n < full.studies.noise.n and cfg.studies.centroid.n < full.studies.centroid.n
+    # same galaxies as a debug=fast training run, so evaluate finds no train/test config mismatch
+    fast = _compose(tmp_path, ["debug=fast"])
+    assert cfg.data.source.n_galaxies == fast.data.source.n_galaxies
+    assert cfg.data.source.p_knots == fast.data.source.p_knots
+
+
 def test_paper_clash_experiment(tmp_path):
     cfg = _compose(tmp_path, ["experiment=paper_clash"])
     assert cfg.data.batch_size == 100
