@@ -123,8 +123,16 @@ class ShearEstimator:
         batch_size: int = 4096,
         progress: bool = False,
     ) -> np.ndarray:
-        """Uncalibrated network shears ``(N, 2)`` float64 for raw stamps ``(N, H, W)`` or ``(N, 1, H, W)``."""
-        x = torch.as_tensor(np.asarray(stamps) if not isinstance(stamps, torch.Tensor) else stamps)
+        """Uncalibrated network shears ``(N, 2)`` float64 for raw stamps ``(N, H, W)`` or ``(N, 1, H, W)``.
+
+        Numpy input may have either byte order (FITS images, e.g. ``astropy.io.fits.getdata``, are
+        big-endian; torch only takes native order, so they are converted here).
+        """
+        if not isinstance(stamps, torch.Tensor):
+            stamps = np.asarray(stamps)
+            if not stamps.dtype.isnative:
+                stamps = stamps.astype(stamps.dtype.newbyteorder("="))
+        x = torch.as_tensor(stamps)
         if x.ndim == 2:
             raise ValueError(f"expected a batch of stamps (N, H, W); got one stamp {tuple(x.shape)}: use stamps[None]")
         if x.ndim == 4 and x.shape[1] == 1:
