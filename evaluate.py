@@ -12,6 +12,8 @@ per study (see wlshear/tasks/evaluate.py).
 import hydra
 from omegaconf import DictConfig
 
+from wlshear.utils.hydra import set_project_root
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate.yaml")
 def main(cfg: DictConfig) -> None:
@@ -21,4 +23,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    set_project_root()  # paths.root_dir = the directory this is started in (or $PROJECT_ROOT)
     main()

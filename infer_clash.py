@@ -15,6 +15,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from wlshear.utils.hydra import set_project_root
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="infer_clash.yaml")
 def main(cfg: DictConfig) -> None:
@@ -26,4 +28,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    set_project_root()  # paths.root_dir = the directory this is started in (or $PROJECT_ROOT)
     main()

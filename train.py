@@ -9,6 +9,8 @@ Examples:
 import hydra
 from omegaconf import DictConfig
 
+from wlshear.utils.hydra import set_project_root
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
@@ -19,4 +21,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    set_project_root()  # paths.root_dir = the directory this is started in (or $PROJECT_ROOT)
     main()

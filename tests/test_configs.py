@@ -10,6 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -141,6 +142,20 @@ def test_debug_fast_composes(tmp_path):
     assert cfg.trainer.max_epochs == 1 and cfg.data.num_workers == 0
 
 
+def test_debug_fast_eval_composes_with_evaluate(tmp_path):
+    """evaluate.py's small-size option (the README test appends it to `python evaluate.py ...`)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        full = compose("evaluate.yaml", overrides=[f"paths.root_dir={tmp_path}"])
+        cfg = compose("evaluate.yaml", overrides=[f"paths.root_dir={tmp_path}", "debug=fast_eval"])
+    assert full.test.n == 150000 and cfg.test.n == 64 and cfg.bootstrap < full.bootstrap
+    assert cfg.studies.noise.n < full.studies.noise.n and cfg.studies.centroid.n < full.studies.centroid.n
+    # same galaxies as a debug=fast training run, so evaluate finds no train/test config mismatch
+    fast = _compose(tmp_path, ["debug=fast"])
+    assert cfg.data.source.n_galaxies == fast.data.source.n_galaxies
+    assert cfg.data.source.p_knots == fast.data.source.p_knots
+
+
 def test_paper_clash_experiment(tmp_path):
     cfg = _compose(tmp_path, ["experiment=paper_clash"])
     assert cfg.data.batch_size == 100
@@ -225,6 +240,31 @@ def test_launchers_compose(tmp_path, name):
         instantiate_target = cfg.hydra.launcher._target_
         mod, cls = instantiate_target.rsplit(".", 1)
         __import__(mod, fromlist=[cls])  # the plugin is installed
+
+
+@pytest.mark.parametrize("name", ["basic", *options("hydra/launcher")])
+def test_sweep_dir_resolves_from_default_paths(tmp_path, monkeypatch, name):
+    """What every sweeper/launcher does before a job runs: resolve hydra.sweep.dir (and submitit's
+    folder) while HydraConfig is unset, with the default paths (no paths.* or hydra.*dir overrides)
+    of an entry point started in tmp_path. Outputs and the stamp cache land under that directory."""
+    from wlshear.utils.hydra import set_project_root
+
+    monkeypatch.setenv("PROJECT_ROOT", "placeholder")  # so that monkeypatch restores the caller's value
+    monkeypatch.delenv("PROJECT_ROOT")
+    monkeypatch.chdir(tmp_path)
+    root = Path.cwd()
+    assert set_project_root() == str(root)
+    assert set_project_root() == str(root)  # idempotent; an explicit $PROJECT_ROOT is kept
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train.yaml", overrides=[f"hydra/launcher={name}"], return_hydra_config=True)
+    assert not HydraConfig.initialized()
+    sweep = Path(cfg.hydra.sweep.dir)
+    assert sweep.parent == root / "outputs" / "train" / "multiruns"
+    assert Path(cfg.hydra.run.dir).parent == root / "outputs" / "train" / "runs"
+    assert cfg.paths.cache_dir == f"{root}/data_cache"  # one cache for every job of a sweep
+    if name == "submitit_slurm":
+        assert cfg.hydra.launcher.submitit_folder == f"{sweep}/.submitit/%j"
 
 
 def test_run_dirs_are_unique_per_job(tmp_path):

@@ -77,3 +77,15 @@ def test_missing_and_corrupt_files(tmp_path):
     torch.save(torch.zeros(3), notdict)
     with pytest.raises(ValueError, match="does not contain"):
         load_estimator(notdict)
+
+
+def test_big_endian_stamps_from_fits(tmp_path, stamps):
+    """FITS cubes load big-endian (what the README snippet reads from stamps.fits): same shears."""
+    from astropy.io import fits
+
+    fits.PrimaryHDU(stamps).writeto(tmp_path / "s.fits")
+    big = fits.getdata(tmp_path / "s.fits")
+    assert not big.dtype.isnative
+    torch.manual_seed(0)
+    est = ShearEstimator(PaperCNN(), calibration={"m1": 0.1, "c1": 0.01})
+    np.testing.assert_array_equal(est.predict(big, symmetrize=True), est.predict(stamps, symmetrize=True))

@@ -79,3 +79,26 @@ def test_refit_head_returns_new_model_with_lstsq_head():
         np.testing.assert_allclose(new.features(xn).numpy(), net.features(xn).numpy(), atol=1e-6)
         expected = (F @ w.numpy().T + b.numpy())
         np.testing.assert_allclose(new(xn).numpy(), expected, atol=1e-4)
+
+
+def test_refit_sample_size_follows_the_architecture():
+    from wlshear.models.architectures import ResNetSmall, WideCNN
+    from wlshear.models.refit import head_features, refit_sample_size
+
+    nets = {"paper": PaperCNN(), "wide": WideCNN(), "resnet": ResNetSmall()}
+    assert {k: head_features(v) for k, v in nets.items()} == {"paper": 30, "wide": 64, "resnet": 64}
+    assert refit_sample_size(nets["paper"], "auto") == 62 and refit_sample_size(nets["wide"], "auto") == 130
+    assert refit_sample_size(nets["wide"], 20000) == 20000  # an explicit, solvable size is kept
+    # the size debug=fast used before (64) cannot determine the wide head's 65 parameters: a clear
+    # error naming the key and the minimum instead of a failure after training
+    with pytest.raises(ValueError, match=r"refit.n=64 .*WideCNN.*refit.n >= 66"):
+        refit_sample_size(nets["wide"], 64)
+    with pytest.raises(ValueError, match="'auto'"):
+        refit_sample_size(nets["paper"], "many")
+    # with the automatic size the least-squares refit is solvable for every architecture
+    rng = np.random.default_rng(0)
+    for net in nets.values():
+        d, n = head_features(net), refit_sample_size(net, "auto")
+        feats, g = _synthetic(rng, n, rng.normal(size=(2, d)), noise=0.1)
+        w, b, diag = fit_head_lstsq(feats, g, shear_max=G_MAX)
+        assert w.shape == (2, d) and diag["rank"] == d + 1 and np.all(diag["m"] > -1)

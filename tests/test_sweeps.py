@@ -1,6 +1,8 @@
-"""Multiruns of train.py: the demo-scale noise sweep of experiment=paper_clash (two jobs, two run
-dirs, each with its resolved config, checkpoints and metrics.json), its summary table/plot, and a
-two-trial Optuna search. Subprocesses, tiny settings (a few seconds of training per job)."""
+"""Multiruns of train.py: a two-architecture sweep from the default paths of a fresh clone (no sweep,
+run or paths overrides) summarised with `python -m wlshear.summarize`, the demo-scale noise sweep of
+experiment=paper_clash (two jobs, two run dirs, each with its resolved config, checkpoints and
+metrics.json), its summary table/plot, and a two-trial Optuna search. Subprocesses, tiny settings
+(a few seconds of training per job)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, copy_repo, user_env
 
 TINY = ["debug=fast", "trainer=cpu", "data.num_workers=0", "data.samples_per_epoch=32", "data.batch_size=16",
         "data.val_size=32", "data.test_size=32", "refit.n=64", "extras.print_config=false",
@@ -74,6 +76,43 @@ def test_noise_sweep_multirun_and_summary(tmp_path):
     md = (sweep / "summary.md").read_text()
     assert "| noise_scale |" in md and md.count("| ok |") == 2
     assert (sweep / "summary.png").stat().st_size > 1000
+
+
+def test_default_path_multirun_and_summary(tmp_path):
+    """What a new user types in a fresh clone: `python train.py -m debug=fast model=paper_cnn,wide_cnn`
+    then `python -m wlshear.summarize outputs/train/multiruns/<time>`. The sweep lands in
+    <clone>/outputs/train/multiruns/<time>/{0,1}, both jobs share <clone>/data_cache, the refit size
+    follows each architecture, and the summary lists both jobs as ok."""
+    repo = copy_repo(tmp_path / "clone")
+    env = user_env(tmp_path)
+    p = subprocess.run([sys.executable, "train.py", "-m", "debug=fast", "model=paper_cnn,wide_cnn"], cwd=repo,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"train.py -m failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    sweeps = list((repo / "outputs" / "train" / "multiruns").iterdir())
+    assert len(sweeps) == 1 and not (repo / "outputs" / "train" / "runs").exists()
+    sweep = sweeps[0]
+    jobs = sorted(j for j in sweep.iterdir() if j.is_dir() and j.name.isdigit())
+    assert [j.name for j in jobs] == ["0", "1"]
+    refit_n = {}
+    for j in jobs:
+        cfg = yaml.safe_load((j / "config_resolved.yaml").read_text())
+        assert cfg["paths"]["root_dir"] == str(repo) and cfg["paths"]["output_dir"] == str(j)
+        assert cfg["paths"]["cache_dir"] == str(repo / "data_cache")
+        m = json.loads((j / "metrics.json").read_text())
+        refit_n[cfg["model"]["net"]["_target_"].rsplit(".", 1)[1]] = m["refit"]["n"]
+    assert refit_n == {"PaperCNN": 62, "WideCNN": 130}  # refit.n=auto: 2 x (d + 1)
+    # one cache for the sweep: the jobs share the validation and test sets, each has its refit set
+    cache = sorted(f.name.split("_")[0] for f in (repo / "data_cache").glob("*.npz"))
+    assert cache == ["refit", "refit", "test", "val"]
+
+    rel = str(sweep.relative_to(repo))  # as typed, relative to the clone
+    p = subprocess.run([sys.executable, "-m", "wlshear.summarize", rel], cwd=repo, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [(r["job"], r["model"], r["status"]) for r in rows] == [("0", "paper_cnn", "ok"), ("1", "wide_cnn", "ok")]
+    assert all(float(r["sigma"]) > 0 for r in rows)
+    assert "| wide_cnn |" in (sweep / "summary.md").read_text()
 
 
 def _fake_job(root: Path, num: int, model: str, noise: float, sigma: float | None):

@@ -44,6 +44,17 @@ def test_smoke_train_refit_evaluate(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 3
 
 
+def test_refit_size_is_checked_before_training(tmp_path):
+    """debug=fast's refit size follows the architecture; an explicit size the wide head cannot be
+    refit with stops the run at start (no training, no checkpoint), naming refit.n and the minimum."""
+    cfg = _cfg(tmp_path, ["debug=fast", "model=wide_cnn"])
+    assert cfg.refit.n == "auto"
+    cfg = _cfg(tmp_path, ["debug=fast", "model=wide_cnn", "refit.n=64"])
+    with pytest.raises(ValueError, match=r"refit.n=64 .*refit.n >= 66"):
+        run(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_short_run_learns_on_low_noise_simple_galaxies(tmp_path):
     """Bright, simple, nearly round Sersic galaxies at a quarter of the CLASH noise: a short run must
     cut the validation MSE far below the prior variance 0.2^2/3 = 0.0133 (an untrained net sits at

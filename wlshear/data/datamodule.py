@@ -60,7 +60,7 @@ class ShearDataModule(L.LightningDataModule):
         samples_per_epoch: int = 20000,
         val_size: int = 2000,
         test_size: int = 4000,
-        refit_size: int = 300000,
+        refit_size: int | str = 300000,
         test_ring: bool = False,
         batch_size: int = 100,
         eval_batch_size: int = 1000,
@@ -103,8 +103,16 @@ class ShearDataModule(L.LightningDataModule):
             self.test_set = self._cached("test", hp.test_size, 2, ring=hp.test_ring)
 
     def refit_set(self, n: int | None = None) -> CachedStampSet:
-        """Un-augmented (rotation + mirror), population-weighted stamps for the head refit."""
-        return self._cached("refit", int(n or self.hparams.refit_size), 3)
+        """Un-augmented (rotation + mirror), population-weighted stamps for the head refit.
+
+        ``n`` defaults to ``refit_size``; with ``refit_size="auto"`` (the size follows the network, see
+        ``wlshear.models.refit.refit_sample_size``) pass ``n`` explicitly.
+        """
+        n = n or self.hparams.refit_size
+        if isinstance(n, str):
+            raise ValueError(f"refit_size={n!r}: pass the number of stamps, e.g. "
+                             "refit_set(refit_sample_size(net, 'auto'))")
+        return self._cached("refit", int(n), 3)
 
     # -- loaders ---------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

@@ -160,7 +160,8 @@ class ShearEstimator:
         """Uncalibrated network shears ``(N, 2)`` float64 for raw stamps ``(N, H, W)`` or ``(N, 1, H, W)``.
 
         ``seed`` seeds the fixnoise fields when the network takes counterfactual images
-        (``counterfactual_input``); None draws fresh ones.
+        (``counterfactual_input``); None draws fresh ones. Numpy input may have either byte order
+        (FITS images, e.g. ``astropy.io.fits.getdata``, are big-endian; converted here).
         """
         x = _as_stamps(stamps)
         if batch_size < 1:
@@ -339,7 +340,11 @@ def _symmetrize(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _as_stamps(stamps: np.ndarray | torch.Tensor) -> torch.Tensor:
     """``(N, H, W)`` tensor from ``(N, H, W)`` / ``(N, 1, H, W)`` arrays, with clear shape errors."""
-    x = torch.as_tensor(np.asarray(stamps) if not isinstance(stamps, torch.Tensor) else stamps)
+    if not isinstance(stamps, torch.Tensor):
+        stamps = np.asarray(stamps)
+        if not stamps.dtype.isnative:
+            stamps = stamps.astype(stamps.dtype.newbyteorder("="))
+    x = torch.as_tensor(stamps)
     if x.ndim == 2:
         raise ValueError(f"expected a batch of stamps (N, H, W); got one stamp {tuple(x.shape)}: use stamps[None]")
     if x.ndim == 4 and x.shape[1] == 1:

@@ -15,6 +15,7 @@ Why: ``g = g_hat + r`` with the residual ``r`` orthogonal to ``g_hat`` and to th
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,7 +26,11 @@ from tqdm.auto import tqdm
 
 from wlshear.models.normalize import normalize_stamps
 
-__all__ = ["fit_head_lstsq", "compute_features", "refit_head"]
+__all__ = ["fit_head_lstsq", "compute_features", "refit_head", "head_features", "refit_sample_size"]
+
+# ``refit.n: auto`` = this many stamps per least-squares parameter (d + 1 per shear component): the
+# residuals that set the attenuation correction then keep at least as many degrees of freedom as the fit.
+AUTO_PER_PARAMETER = 2
 
 
 def fit_head_lstsq(
@@ -109,6 +114,37 @@ def _split_net(model: nn.Module) -> nn.Module:
             "(nor a `.net` attribute that has them); cannot refit its head"
         )
     return net
+
+
+def head_features(model: nn.Module) -> int:
+    """Number ``d`` of penultimate features that the linear head of ``model`` (or ``model.net``) reads."""
+    return int(_split_net(model).head.in_features)
+
+
+def refit_sample_size(model: nn.Module, n: int | str) -> int:
+    """Stamps for the head refit of ``model``: ``n``, or for ``n = "auto"`` ``AUTO_PER_PARAMETER x (d + 1)``
+    with ``d`` the head's input features (30 for PaperCNN, 64 for WideCNN and ResNetSmall), so that the
+    size follows the architecture.
+
+    Raises ``ValueError`` (naming ``refit.n`` and the minimum) when ``n`` cannot determine the
+    ``d + 1`` least-squares parameters per component, i.e. ``n <= d + 1``: call it before training, so
+    a run does not train for hours and then fail at the refit.
+    """
+    d = head_features(model)
+    if isinstance(n, str) and n.strip().lower() == "auto":
+        return AUTO_PER_PARAMETER * (d + 1)
+    try:
+        n = int(n)
+    except (TypeError, ValueError):
+        raise ValueError(f"refit.n must be a number of stamps or 'auto', got {n!r}") from None
+    if n <= d + 1:
+        raise ValueError(
+            f"refit.n={n} is too small for the head refit of {type(_split_net(model)).__name__}: it has d = {d} "
+            f"features, so the least-squares fit has d + 1 = {d + 1} parameters per component and needs "
+            f"refit.n >= {d + 2} (better >= {AUTO_PER_PARAMETER * (d + 1)}, what refit.n=auto gives; "
+            "the paper uses 300,000). Or switch the refit off with refit.enabled=false."
+        )
+    return n
 
 
 @torch.no_grad()

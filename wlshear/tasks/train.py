@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from wlshear.metrics.bias import bias_summary, fit_bias
 from wlshear.metrics.plots import plot_shear_scatter
 from wlshear.models.estimator import ShearEstimator
-from wlshear.models.refit import refit_head
+from wlshear.models.refit import refit_head, refit_sample_size
 from wlshear.utils.hydra import instantiate_group, print_config_tree, save_resolved_config, write_json
 
 log = logging.getLogger(__name__)
@@ -271,6 +271,10 @@ def run(cfg: DictConfig) -> dict:
     if metacal_op is not None:
         log.info("metacal: training, refit and validation on no-shear counterfactual images (%r)", metacal_op)
     model = instantiate(cfg.model, input_transform=metacal_op)
+    refit_n = None
+    if cfg.refit.enabled:  # checked before training: the refit size must suit this architecture
+        refit_n = refit_sample_size(model.net, cfg.refit.n)
+        log.info("head refit on %d stamps (refit.n=%s)", refit_n, cfg.refit.n)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = build_loggers(cfg, out_dir, ckpt_path)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -307,7 +311,7 @@ def run(cfg: DictConfig) -> dict:
 
     estimator = ShearEstimator(model.net, metadata=meta, **mc)
     if cfg.refit.enabled:
-        refit = dm.refit_set(cfg.refit.n)
+        refit = dm.refit_set(refit_n)
         loader = torch.utils.data.DataLoader(refit, batch_size=cfg.refit.batch_size, shuffle=False)
         if metacal_op is not None:
             loader = _counterfactual_batches(loader, metacal_op, seed=int(cfg.seed))

@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
+
+
+def set_project_root() -> str:
+    """Set ``$PROJECT_ROOT`` (what ``paths.root_dir`` reads) to the current directory unless it is set.
+
+    Called by the entry points (train.py, evaluate.py, infer_clash.py) before Hydra starts, so that
+    ``python train.py`` from the repository root writes to ``<repo>/outputs`` and caches stamps in
+    ``<repo>/data_cache``. The root cannot come from ``${hydra:runtime.cwd}``: sweepers and launchers
+    (basic, joblib, submitit, optuna) resolve ``hydra.sweep.dir`` (under ``paths.log_dir``) before any
+    job exists, when Hydra's runtime values are not yet set. Child processes (joblib workers, DDP
+    ranks, SLURM jobs) inherit the variable, so every job of a sweep uses the same absolute root.
+    Returns the root in effect.
+    """
+    return os.environ.setdefault("PROJECT_ROOT", os.getcwd())
 
 
 def instantiate_group(cfg: DictConfig | None) -> list[Any]:
