@@ -13,6 +13,7 @@ from wlshear.sim.noise import CorrelatedNoise
 from wlshear.sim.render import StampRenderer
 from wlshear.sim.sources import GalaxySource
 from wlshear.utils.plain import to_plain
+from wlshear.utils.validate import DATA_RULES, validate_values
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,13 @@ class ShearDataModule(L.LightningDataModule):
         chunk: int = 64,
     ):
         super().__init__()
+        validate_values(
+            dict(noise_scale=noise_scale, augment=_plain(augment) or {}, train_population=train_population,
+                 eval_population=eval_population, psf_fwhm=psf_fwhm, pixel_scale=pixel_scale, stamp_size=stamp_size,
+                 backend=backend, samples_per_epoch=samples_per_epoch, val_size=val_size, test_size=test_size,
+                 refit_size=refit_size, test_ring=test_ring, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                 num_workers=num_workers, seed=seed, chunk=chunk),
+            DATA_RULES, prefix="data.", what="data value")
         # plain containers only, so checkpoints load with torch.load(weights_only=True)
         augment, mag_bins, gsparams = _plain(augment), _plain(mag_bins), _plain(gsparams)
         noise_kernel = None if noise_kernel is None else str(noise_kernel)

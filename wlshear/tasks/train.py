@@ -35,6 +35,7 @@ from wlshear.metrics.plots import plot_shear_scatter
 from wlshear.models.estimator import ShearEstimator
 from wlshear.models.refit import refit_head
 from wlshear.utils.hydra import instantiate_group, print_config_tree, save_resolved_config, write_json
+from wlshear.utils.validate import TRAIN_RULES, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,9 @@ def _launch_rank() -> int:
 
 
 def check_required(cfg: DictConfig) -> None:
-    """Stop early, naming the keys, when mandatory values (``???``) are unset or a 'matched'
-    population has no ``data.target_catalog``."""
+    """Stop early, naming the keys, when mandatory values (``???``) are unset, a value has the
+    wrong type or range (``wlshear.utils.validate.TRAIN_RULES``) or a 'matched' population has no
+    ``data.target_catalog``."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(
@@ -58,6 +60,7 @@ def check_required(cfg: DictConfig) -> None:
             + ". Pass them on the command line, e.g. `python train.py experiment=paper_clash "
             "data.target_catalog=/path/to/clash_mag_hlr.csv` (the CLASH (mag, hlr_px) table)."
         )
+    validate_config(cfg, TRAIN_RULES, "train config")
     data = cfg.get("data") or {}
     matched = [k for k in ("train_population", "eval_population") if data.get(k) == "matched"]
     if matched and not data.get("target_catalog"):
