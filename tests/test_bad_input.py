@@ -107,3 +107,36 @@ def test_debug_fast_composes_with_a_cosmos_source(tmp_path, cosmos_param_dir):
     cfg = _compose("train.yaml", tmp_path, ["debug=fast"])
     assert cfg.data.source.n_galaxies == 200 and cfg.data.source.p_knots == 0.0
     assert _compose("train.yaml", tmp_path).data.source.n_galaxies == 20000
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. a run that did not train writes no estimator unless asked
+
+def test_max_epochs_zero_refused_before_rendering(tmp_path):
+    from wlshear.tasks.train import UntrainedError, run
+
+    cfg = _compose("train.yaml", tmp_path, ["debug=fast", "trainer.max_epochs=0"])
+    with pytest.raises(UntrainedError, match=r"trainer.max_epochs=0: refusing to write estimator.pt") as err:
+        run(cfg)
+    assert "refit.allow_untrained=true" in str(err.value)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run" / "estimator_refit.pt").exists()
+
+
+def test_zero_optimiser_steps_refused_after_fit(tmp_path):
+    from wlshear.tasks.train import UntrainedError, run
+
+    cfg = _compose("train.yaml", tmp_path, ["debug=fast", "+trainer.limit_train_batches=0", "data.val_size=8"])
+    with pytest.raises(UntrainedError, match=r"no optimiser step ran \(trainer.global_step = 0"):
+        run(cfg)
+    assert not (tmp_path / "run" / "estimator.pt").exists()
+
+
+def test_allow_untrained_writes_marked_estimators(tmp_path):
+    from wlshear.models import load_estimator
+    from wlshear.tasks.train import run
+
+    cfg = _compose("train.yaml", tmp_path, ["debug=fast", "trainer.max_epochs=0", "refit.allow_untrained=true",
+                                            "data.val_size=8", "evaluate.enabled=false"])
+    run(cfg)
+    for name in ("estimator.pt", "estimator_refit.pt"):
+        assert load_estimator(tmp_path / "run" / name).metadata["untrained"] is True
