@@ -140,3 +140,153 @@ def test_allow_untrained_writes_marked_estimators(tmp_path):
     run(cfg)
     for name in ("estimator.pt", "estimator_refit.pt"):
         assert load_estimator(tmp_path / "run" / name).metadata["untrained"] is True
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. honest caches and training stream
+
+def _file_source(path: Path, n: int):
+    import galsim
+
+    from wlshear.sim.sources import GalaxySource
+
+    class FileGaussians(GalaxySource):
+        """Round Gaussians whose half-light radii [px] are the lines of ``path``: a line missing
+        from a damaged (truncated) file makes that galaxy fail to render."""
+
+        name = "file_gaussians"
+
+        def __init__(self):
+            super().__init__()
+            self.path = str(path)
+            self.catalog = {"mag": np.full(n, 24.0), "mag_source": np.full(n, 24.0), "hlr_px": np.full(n, 3.0)}
+
+        def input_files(self):
+            return [Path(self.path)]
+
+        def _build(self, i):
+            lines = Path(self.path).read_text().split()
+            if i >= len(lines):
+                raise galsim.GalSimError(f"galaxy {i} missing from {Path(self.path).name}")
+            return galsim.Gaussian(half_light_radius=float(lines[i]) * 0.065, flux=20.0)
+
+    return FileGaussians()
+
+
+def _renderer(src):
+    from wlshear.sim.augment import Augmentation
+    from wlshear.sim.noise import CorrelatedNoise
+    from wlshear.sim.render import StampRenderer
+
+    return StampRenderer(src, CorrelatedNoise(), Augmentation().test_mode(), gsparams=FAST_GSPARAMS)
+
+
+def test_damaged_input_is_never_cached_and_repair_gives_the_clean_result(tmp_path, caplog):
+    import logging
+
+    from wlshear.data.datasets import CachedStampSet, RenderFailureError
+
+    sizes = tmp_path / "sizes.txt"
+    good = "\n".join(f"{2 + 0.1 * i:.1f}" for i in range(20)) + "\n"
+    sizes.write_text(good)
+    clean = CachedStampSet(_renderer(_file_source(sizes, 20)), 32, seed=1, cache_dir=tmp_path / "clean",
+                           name="val", progress=False)
+    assert len(clean) == 32 and not clean.batch.failures
+
+    cache = tmp_path / "cache"
+    sizes.write_text(good[: len(good) // 4])  # a damaged file: 15 of 20 galaxies lost
+    with pytest.raises(RenderFailureError, match=r"val set: \d+ of 32 stamps \(\d+%\) failed to render, above "
+                       r"data.max_failure_fraction = 0.01; first failures: galaxy \d+: GalSimError: galaxy \d+ "
+                       r"missing from sizes.txt"):
+        CachedStampSet(_renderer(_file_source(sizes, 20)), 32, seed=1, cache_dir=cache, name="val", progress=False)
+    assert not list(cache.glob("*.npz"))  # nothing cached
+
+    # a poisoned cache made under a permissive limit (or by an older version) ...
+    poisoned = CachedStampSet(_renderer(_file_source(sizes, 20)), 32, seed=1, cache_dir=cache, name="val",
+                              progress=False, max_failure_fraction=1.0)
+    assert len(poisoned.batch.failures) > 16
+    # ... is not reused under the default limit, with the reason logged
+    with caplog.at_level(logging.WARNING, logger="wlshear.data.datasets"):
+        with pytest.raises(RenderFailureError):
+            CachedStampSet(_renderer(_file_source(sizes, 20)), 32, seed=1, cache_dir=cache, name="val",
+                           progress=False)
+    assert "above data.max_failure_fraction" in caplog.text and "re-rendering val set" in caplog.text
+
+    # repairing the file changes the cache key (the file's checksum): re-rendered, same as clean
+    caplog.clear()
+    sizes.write_text(good)
+    with caplog.at_level(logging.INFO, logger="wlshear.data.datasets"):
+        repaired = CachedStampSet(_renderer(_file_source(sizes, 20)), 32, seed=1, cache_dir=cache, name="val",
+                                  progress=False)
+    assert repaired.key == clean.key != poisoned.key
+    assert "sizes.txt" in caplog.text and "differ from the cached" in caplog.text
+    np.testing.assert_array_equal(repaired.batch.stamps, clean.batch.stamps)
+    np.testing.assert_array_equal(repaired.meta["galaxy_id"], clean.meta["galaxy_id"])
+
+
+def test_a_few_failures_within_the_limit_are_cached_and_counted(tmp_path):
+    from wlshear.data.datasets import CachedStampSet
+
+    sizes = tmp_path / "sizes.txt"
+    sizes.write_text("\n".join(["3.0"] * 19) + "\n")  # galaxy 19 of 20 is missing
+    s = CachedStampSet(_renderer(_file_source(sizes, 20)), 40, seed=2, cache_dir=tmp_path, name="val",
+                       progress=False, max_failure_fraction=0.2)
+    assert 0 < len(s.batch.failures) <= 8 and len(s) == 40 - len(s.batch.failures)
+    assert len(list(tmp_path.glob("val_*.npz"))) == 1
+
+
+def test_training_stream_stops_when_most_stamps_fail(tmp_path):
+    from wlshear.data.datasets import RenderFailureError, ShearStream
+
+    sizes = tmp_path / "sizes.txt"
+    sizes.write_text("3.0\n" * 5)  # 5 of 20 galaxies: 75% of stamps fail
+    stream = ShearStream(_renderer(_file_source(sizes, 20)), samples_per_epoch=200, seed=0, chunk=50)
+    with pytest.raises(RenderFailureError, match=r"training stream \(worker 0, epoch 0\): \d+ of \d+ stamps "
+                       r"\(7\d%\) failed to render, above data.stream_max_failure_fraction = 0.05"):
+        list(stream)
+    assert stream.attempted >= 100
+
+
+def test_truncated_fits_files_are_named(tmp_path):
+    from astropy.io import fits
+
+    from wlshear.sim.sources import fits_problem
+
+    path = tmp_path / "t.fits"
+    fits.HDUList([fits.PrimaryHDU(), *[fits.ImageHDU(np.ones((40, 40), np.float32)) for _ in range(4)]]).writeto(path)
+    assert fits_problem(path) is None
+    data = path.read_bytes()
+    path.write_bytes(data[:-1000])
+    assert "not a whole number of 2880-byte FITS blocks" in fits_problem(path)
+    path.write_bytes(data[:-2880 * 2])  # cut on a block boundary: the headers tell
+    assert "truncated" in fits_problem(path) and "headers need" in fits_problem(path)
+    path.write_bytes(b"\0" * 2880)
+    assert "not a readable FITS file" in fits_problem(path)
+
+
+def test_truncated_cosmos_catalogue_gives_a_clear_error(tmp_path, cosmos_param_dir):
+    import shutil
+
+    from wlshear.sim.sources import CosmosSource
+
+    for f in cosmos_param_dir.glob("*.fits"):
+        shutil.copy(f, tmp_path / f.name)
+    cat = tmp_path / "real_galaxy_catalog_23.5_example.fits"
+    cat.chmod(0o644)
+    cat.write_bytes(cat.read_bytes()[:14500])
+    with pytest.raises(ValueError, match=r"real_galaxy_catalog_23.5_example.fits is unusable: .*truncated.*Re-download"):
+        CosmosSource(tmp_path, use_real=False, exclusion_level="none")
+
+
+def test_truncated_cosmos_image_file_named_before_rendering(tmp_path, cosmos_real_dir):
+    import shutil
+
+    from wlshear.sim.sources import CosmosSource
+
+    shutil.copytree(cosmos_real_dir, tmp_path / "c")
+    img = tmp_path / "c" / "real_galaxy_images_extension.fits"
+    img.chmod(0o644)
+    img.write_bytes(img.read_bytes()[: img.stat().st_size // 4])
+    with pytest.raises(ValueError, match=r"truncated or unreadable files \(real_galaxy_images_extension.fits: "
+                       r"its headers need \d+ bytes but it has \d+ \(truncated\)\)"):
+        CosmosSource(tmp_path / "c", file_name="real_galaxy_catalog_26_extension_example.fits")
