@@ -290,3 +290,91 @@ def test_truncated_cosmos_image_file_named_before_rendering(tmp_path, cosmos_rea
     with pytest.raises(ValueError, match=r"truncated or unreadable files \(real_galaxy_images_extension.fits: "
                        r"its headers need \d+ bytes but it has \d+ \(truncated\)\)"):
         CosmosSource(tmp_path / "c", file_name="real_galaxy_catalog_26_extension_example.fits")
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. estimator input: stamps without usable signal are flagged with a reason, NaN in predict
+
+@pytest.fixture(scope="module")
+def estimator():
+    import torch
+
+    from wlshear.models import PaperCNN, ShearEstimator
+
+    torch.manual_seed(0)
+    return ShearEstimator(PaperCNN(), calibration={"m1": 0.1, "c1": 0.001})
+
+
+def _noise(n, scale=1.0, seed=0):
+    from wlshear.sim.noise import CorrelatedNoise
+
+    return CorrelatedNoise(None, scale).sample(np.random.default_rng(seed), n, (32, 32)).astype(np.float32)
+
+
+@pytest.mark.parametrize("case, make, reason", [
+    ("physical flux units", lambda: _noise(3) * 1e-15, "scale too small: pixel std"),
+    ("above 1e18", lambda: _noise(3) * 1e19, "scale too large: pixel std"),
+    ("flat", lambda: np.full((3, 32, 32), 0.1, np.float32), "flat: no pixel variation"),
+    ("all zero", lambda: np.zeros((3, 32, 32), np.float32), "all zero: blank or fully masked"),
+    ("non-finite", lambda: np.where(np.eye(32, dtype=bool)[None], np.inf, _noise(3)), "non-finite: a NaN"),
+    ("constant plus float32 rounding", lambda: (np.float32(1e6) + _noise(3) * 1e-3).astype(np.float32), "flat"),
+])
+def test_unusable_stamps_are_flagged_with_reason_and_nan(estimator, case, make, reason):
+    x = make()
+    g, failed, reasons = estimator.predict_with_flags(x, return_reasons=True)
+    assert failed.all() and np.isnan(g).all(), case
+    assert all(r.startswith(reason) for r in reasons), (case, reasons)
+    assert np.isnan(estimator.predict(x)).all()
+    # mixed with good stamps only the bad rows are flagged
+    good = _noise(2, seed=5)
+    g, failed = estimator.predict_with_flags(np.concatenate([good, x]))
+    assert failed.tolist() == [False, False, True, True, True] and np.isfinite(g[:2]).all()
+
+
+def test_legitimate_stamps_are_not_flagged(estimator):
+    from wlshear.sim.augment import Augmentation
+    from wlshear.sim.noise import CorrelatedNoise
+    from wlshear.sim.render import StampRenderer
+    from wlshear.sim.sources import ParametricSource
+
+    pure_noise = np.concatenate([_noise(50, s, seed=i) for i, s in enumerate((1.0, 0.5, 0.25))])
+    src = ParametricSource(n_galaxies=200, p_knots=0.0, seed=2)
+    galaxies = [StampRenderer(src, CorrelatedNoise(None, s) if s else None, Augmentation(), gsparams=FAST_GSPARAMS)
+                .simulate(64, 1).stamps for s in (0.0, 0.25, 1.0)]
+    offset = galaxies[2] + np.float32(2 * 3.6e-3)  # a background offset of 2 sigma
+    bright = galaxies[1] * 1e3  # a galaxy 7.5 mag brighter than the training range
+    for x in (pure_noise, *galaxies, offset, bright):
+        g, failed, reasons = estimator.predict_with_flags(x, return_reasons=True)
+        assert not failed.any(), set(reasons)
+        assert np.isfinite(g).all()
+
+
+def test_pixel_units_and_range_are_documented():
+    from wlshear.models import estimator, input_checks
+
+    assert "CLASH counts" in estimator.__doc__ and "25.4193" in input_checks.__doc__
+    assert input_checks.STD_MIN < 9e-5 and input_checks.STD_MAX > 1e3  # far outside the training range
+    conventions = (REPO / "docs" / "CONVENTIONS.md").read_text()
+    assert "input_checks" in conventions
+
+
+@pytest.mark.parametrize("shape, hint", [
+    ((32, 32), r"got one stamp \(32, 32\): use stamps\[None\]"),
+    ((4, 1024), r"use stamps.reshape\(-1, 32, 32\)"),
+    ((4, 48, 48), r"takes 32x32-pixel stamps .* got 48x48: cut 32x32 stamps centred on the galaxies"),
+    ((4, 3, 32, 32), r"one channel"),
+])
+def test_wrong_shapes_get_the_right_hint(estimator, shape, hint):
+    with pytest.raises(ValueError, match=hint):
+        estimator.predict(np.ones(shape, np.float32))
+
+
+def test_network_input_hint_names_the_stamp_size():
+    import torch
+
+    from wlshear.models import PaperCNN
+
+    with pytest.raises(ValueError, match=r"takes 32x32-pixel stamps"):
+        PaperCNN()(torch.zeros(2, 1, 48, 48))
+    with pytest.raises(ValueError, match=r"unsqueeze\(1\)"):
+        PaperCNN()(torch.zeros(2, 32, 32))

@@ -66,11 +66,17 @@ def _glorot_init(module: nn.Module) -> None:
 
 
 def _check_input(x: torch.Tensor, stamp_size: int) -> None:
-    if x.ndim != 4 or x.shape[1] != 1 or x.shape[-2:] != (stamp_size, stamp_size):
-        raise ValueError(
-            f"expected a (B, 1, {stamp_size}, {stamp_size}) tensor of normalised stamps, got shape "
-            f"{tuple(x.shape)}; add the channel axis with x.unsqueeze(1)"
-        )
+    s = stamp_size
+    if x.ndim == 4 and x.shape[1] == 1 and x.shape[-2:] == (s, s):
+        return
+    if x.ndim >= 2 and x.shape[-2:] != (s, s):
+        hint = (f"this network takes {s}x{s}-pixel stamps: cut stamps of that size centred on the galaxies "
+                f"rather than resizing, or build the network with stamp_size={x.shape[-1]} and train it")
+    elif x.ndim == 3:
+        hint = "add the channel axis with x.unsqueeze(1)"
+    else:
+        hint = "stack the stamps into a batch with one channel"
+    raise ValueError(f"expected a (B, 1, {s}, {s}) tensor of normalised stamps, got shape {tuple(x.shape)}; {hint}")
 
 
 class PaperCNN(nn.Module):

@@ -5,6 +5,10 @@ axis 1 = x/column), normalises each stamp, runs the network (optionally averaged
 symmetries of the square) and applies a linear calibration ``g = (g_raw - c) / (1 + m)`` per
 component, returning ``(N, 2)`` float64 (g1, g2).
 
+Pixel units: CLASH counts (zero-point 25.4193), background-subtracted. Stamps without usable
+signal -- non-finite, all zero, flat, or a pixel std outside [1e-5, 1e4] counts (other units) --
+are flagged and give NaN rows (:mod:`wlshear.models.input_checks`).
+
 File format (``torch.save`` of a dict, readable with ``torch.load(weights_only=True)``)::
 
     {"format": "wlshear-estimator", "version": 1,
@@ -25,6 +29,7 @@ Files without the key (older files) load with no surface.
 
 from __future__ import annotations
 
+import logging
 import math
 import pickle
 from collections.abc import Mapping
@@ -37,11 +42,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from wlshear.models.architectures import build_net, net_spec
+from wlshear.models.input_checks import check_stamps, flag_summary, stamp_array
 from wlshear.models.normalize import normalize_stamps
 from wlshear.models.symmetry import symmetrize
 from wlshear.utils.plain import to_plain as _plain
 
 __all__ = ["ShearEstimator", "load_estimator", "FORMAT_NAME", "FORMAT_VERSION"]
+
+log = logging.getLogger(__name__)
 
 FORMAT_NAME = "wlshear-estimator"
 FORMAT_VERSION = 1
@@ -124,13 +132,7 @@ class ShearEstimator:
         progress: bool = False,
     ) -> np.ndarray:
         """Uncalibrated network shears ``(N, 2)`` float64 for raw stamps ``(N, H, W)`` or ``(N, 1, H, W)``."""
-        x = torch.as_tensor(np.asarray(stamps) if not isinstance(stamps, torch.Tensor) else stamps)
-        if x.ndim == 2:
-            raise ValueError(f"expected a batch of stamps (N, H, W); got one stamp {tuple(x.shape)}: use stamps[None]")
-        if x.ndim == 4 and x.shape[1] == 1:
-            x = x[:, 0]
-        if x.ndim != 3:
-            raise ValueError(f"stamps must be (N, H, W) or (N, 1, H, W), got shape {tuple(x.shape)}")
+        x = torch.as_tensor(stamp_array(stamps, getattr(self.net, "stamp_size", None)))
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.net.eval()
@@ -160,28 +162,34 @@ class ShearEstimator:
         progress: bool = False,
         apply_surface: bool = True,
     ) -> np.ndarray:
-        """Calibrated shears ``(N, 2)`` float64 = (g1, g2) for raw stamps in counts ``(N, 32, 32)``.
+        """Calibrated shears ``(N, 2)`` float64 = (g1, g2) for raw stamps in CLASH counts ``(N, 32, 32)``.
 
         With a calibration surface attached (and ``apply_surface``), the observables are measured
         on the stamps (``measure_observables``) and the per-galaxy correction is applied after the
-        global calibration. Stamps with non-finite pixels give NaN rows (see
-        :meth:`predict_with_flags`).
+        global calibration. Stamps without usable signal (non-finite, all zero, flat, pixel std
+        outside [1e-5, 1e4] counts: :func:`~wlshear.models.input_checks.check_stamps`) give NaN
+        rows; :meth:`predict_with_flags` returns the flags and reasons.
         """
-        g = self.calibrate(self.predict_raw(stamps, symmetrize=symmetrize, batch_size=batch_size, progress=progress))
-        if apply_surface and self.surface is not None:
-            x = stamps.detach().cpu().numpy() if isinstance(stamps, torch.Tensor) else np.asarray(stamps)
-            if x.ndim == 4:
-                x = x[:, 0]
-            g = self.surface.apply_to_stamps(g, x)
-        return g
+        return self.predict_with_flags(stamps, symmetrize=symmetrize, batch_size=batch_size, progress=progress,
+                                       apply_surface=apply_surface)[0]
 
-    def predict_with_flags(self, stamps: np.ndarray | torch.Tensor, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
-        """``(g (N, 2), failed (N,) bool)``; failed rows (non-finite input or output) hold NaN."""
-        g = self.predict(stamps, **kwargs)
-        x = np.asarray(stamps.detach().cpu() if isinstance(stamps, torch.Tensor) else stamps)
-        failed = ~np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1) | ~np.isfinite(g).all(axis=1)
+    def predict_with_flags(self, stamps: np.ndarray | torch.Tensor, return_reasons: bool = False,
+                           symmetrize: bool = True, batch_size: int = 4096, progress: bool = False,
+                           apply_surface: bool = True) -> tuple[np.ndarray, ...]:
+        """``(g (N, 2), failed (N,) bool)`` (plus ``reasons`` (N,) str with ``return_reasons``);
+        failed rows -- unusable input (see :meth:`predict`) or non-finite output -- hold NaN."""
+        x = stamp_array(stamps, getattr(self.net, "stamp_size", None))
+        g = self.calibrate(self.predict_raw(x, symmetrize=symmetrize, batch_size=batch_size, progress=progress))
+        if apply_surface and self.surface is not None:
+            g = self.surface.apply_to_stamps(g, x)
+        failed, reasons = check_stamps(x)
+        bad_out = ~failed & ~np.isfinite(g).all(axis=1)
+        reasons[bad_out] = "non-finite output"
+        failed |= bad_out
         g[failed] = np.nan
-        return g, failed
+        if failed.any():
+            log.warning("%d of %d stamps flagged (NaN shear): %s", failed.sum(), len(failed), flag_summary(reasons))
+        return (g, failed, reasons) if return_reasons else (g, failed)
 
     __call__ = predict
 

@@ -304,7 +304,10 @@ def run(cfg: DictConfig) -> dict:
     val = dm.val_set
     with torch.no_grad():
         val_pred = ShearEstimator(model.net).predict(val.stamps, symmetrize=False)
-    val_mse = float(np.mean((val_pred - val.batch.shear) ** 2))
+    usable = np.isfinite(val_pred).all(axis=1)  # flagged stamps (e.g. fully masked) are NaN rows
+    if not usable.all():
+        metrics["val_flagged"] = int((~usable).sum())
+    val_mse = float(np.mean((val_pred[usable] - val.batch.shear[usable]) ** 2))
     metrics["val_mse"] = val_mse
     metrics["val_mse_prior"] = float(cfg.data.augment.shear_max**2 / 3)
     log.info("validation MSE %.5f (prior variance %.5f)", val_mse, metrics["val_mse_prior"])
