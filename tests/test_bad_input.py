@@ -378,3 +378,99 @@ def test_network_input_hint_names_the_stamp_size():
         PaperCNN()(torch.zeros(2, 1, 48, 48))
     with pytest.raises(ValueError, match=r"unsqueeze\(1\)"):
         PaperCNN()(torch.zeros(2, 32, 32))
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. estimator files
+
+def _lightning_ckpt(path: Path) -> Path:
+    import torch
+
+    from wlshear.models import PaperCNN, net_spec
+
+    net = PaperCNN()
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+                "hyper_parameters": {"net_spec": net_spec(net)}, "epoch": 3, "global_step": 30}, path)
+    return path
+
+
+def test_lightning_checkpoint_loads_with_an_uncalibrated_warning(tmp_path):
+    from wlshear.models import load_estimator
+    from wlshear.models.estimator import UncalibratedWarning
+
+    with pytest.warns(UncalibratedWarning, match=r"Lightning checkpoint: the estimator has no fitted calibration"):
+        est = load_estimator(_lightning_ckpt(tmp_path / "last.ckpt"))
+    assert est.metadata["calibrated"] is False
+
+
+def test_infer_clash_refuses_an_uncalibrated_estimator_unless_told(tmp_path):
+    from wlshear.models import PaperCNN, ShearEstimator
+    from wlshear.tasks import infer_clash
+
+    ckpt = _lightning_ckpt(tmp_path / "last.ckpt")
+    clusters = "clusters=[{name: a, dir: " + str(tmp_path / "nowhere") + ", redshift: 0.3}]"
+    cfg = _compose("infer_clash.yaml", tmp_path, [f"estimator={ckpt}", clusters, "progress=false"])
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"is a Lightning checkpoint, which has no "
+                                                  r"fitted calibration.*allow_uncalibrated=true"):
+        infer_clash.run(cfg)
+    plain = ShearEstimator(PaperCNN(), metadata={"calibrated": False}).save(tmp_path / "estimator.pt")
+    cfg = _compose("infer_clash.yaml", tmp_path, [f"estimator={plain}", clusters, "progress=false"])
+    with pytest.raises(ValueError, match=r"not calibrated \(no head refit calibration"):
+        infer_clash.run(cfg)
+    # told: it runs (the cluster itself fails here: its directory does not exist)
+    cfg = _compose("infer_clash.yaml", tmp_path, [f"estimator={ckpt}", clusters, "progress=false",
+                                                  "allow_uncalibrated=true"])
+    with pytest.warns(UserWarning):
+        summary = infer_clash.run(cfg)
+    assert summary["n_failed"] == 1 and "a" in summary["failed"]
+
+
+def test_estimator_files_build_only_allowed_architectures(tmp_path, monkeypatch):
+    import sys
+
+    import torch
+
+    from wlshear.models import PaperCNN, ShearEstimator, load_estimator, register_architecture
+
+    # a module that records being imported: a file naming it must not get it imported
+    (tmp_path / "evil_net_module.py").write_text(
+        "import torch\nIMPORTED = True\nclass Net(torch.nn.Linear):\n"
+        "    def __init__(self):\n        super().__init__(1, 2)\n        self.init_kwargs = {}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    obj = ShearEstimator(PaperCNN()).to_dict()
+    for class_path in ("evil_net_module.Net", "torch.nn.Linear", "os.system"):
+        obj["net"] = {"class_path": class_path, "kwargs": {}}
+        torch.save(obj, tmp_path / "e.pt")
+        with pytest.raises(ValueError, match=rf"network class '{class_path}' is not an allowed architecture "
+                           r"\(allowed: wlshear.models.architectures.PaperCNN"):
+            load_estimator(tmp_path / "e.pt")
+    assert "evil_net_module" not in sys.modules
+    # a registered class of the user's own is accepted
+    import evil_net_module
+
+    register_architecture(evil_net_module.Net)
+    try:
+        ShearEstimator(evil_net_module.Net()).save(tmp_path / "own.pt")
+        assert type(load_estimator(tmp_path / "own.pt").net).__name__ == "Net"
+    finally:
+        from wlshear.models.architectures import _ARCHITECTURES
+
+        _ARCHITECTURES.pop("evil_net_module.Net", None)
+
+
+def test_bad_calibration_is_reported_as_calibration_not_surface(tmp_path):
+    import torch
+
+    from wlshear.models import PaperCNN, ShearEstimator, load_estimator
+
+    obj = ShearEstimator(PaperCNN()).to_dict()
+    obj["calibration"] = {"m1": -2.0, "c1": 0.0, "m2": 0.0, "c2": 0.0}
+    torch.save(obj, tmp_path / "badcal.pt")
+    with pytest.raises(ValueError, match=r"badcal.pt: invalid calibration \{.*\}: calibration needs 1 \+ m > 0") as err:
+        load_estimator(tmp_path / "badcal.pt")
+    assert "surface" not in str(err.value)
+    obj = ShearEstimator(PaperCNN()).to_dict()
+    obj["surface"] = {"nonsense": 1}
+    torch.save(obj, tmp_path / "badsurf.pt")
+    with pytest.raises(ValueError, match=r"badsurf.pt: invalid calibration surface"):
+        load_estimator(tmp_path / "badsurf.pt")

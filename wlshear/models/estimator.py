@@ -24,7 +24,10 @@ observables ``o`` (magnitude, half-light radius, S/N) measured on the stamps by
 Files without the key (older files) load with no surface.
 
 :func:`load_estimator` also reads a Lightning checkpoint written while training a
-:class:`~wlshear.models.module.ShearRegressor` (the network is rebuilt from ``hparams["net_spec"]``).
+:class:`~wlshear.models.module.ShearRegressor` (the network is rebuilt from ``hparams["net_spec"]``);
+such an estimator has no calibration: loading it warns (:class:`UncalibratedWarning`) and sets
+``metadata["calibrated"] = False``. Only registered architectures are rebuilt
+(:func:`wlshear.models.architectures.register_architecture`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,9 +51,13 @@ from wlshear.models.normalize import normalize_stamps
 from wlshear.models.symmetry import symmetrize
 from wlshear.utils.plain import to_plain as _plain
 
-__all__ = ["ShearEstimator", "load_estimator", "FORMAT_NAME", "FORMAT_VERSION"]
+__all__ = ["ShearEstimator", "load_estimator", "UncalibratedWarning", "FORMAT_NAME", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
+
+class UncalibratedWarning(UserWarning):
+    """A loaded estimator has no fitted calibration (e.g. read from a Lightning checkpoint)."""
+
 
 FORMAT_NAME = "wlshear-estimator"
 FORMAT_VERSION = 1
@@ -292,10 +300,14 @@ def load_estimator(
         if not state:
             raise ValueError(f"{path}: checkpoint state_dict has no 'net.*' entries")
         calibration = {}
-        metadata = {"source_checkpoint": str(path), "hparams": _plain(hp),
+        metadata = {"source_checkpoint": str(path), "hparams": _plain(hp), "calibrated": False,
                     "epoch": obj.get("epoch"), "global_step": obj.get("global_step")}
         normalize = True
         surface = None
+        msg = (f"{path} is a Lightning checkpoint: the estimator has no fitted calibration (m = c = 0, no head "
+               "refit calibration), so its shears are biased; use the run's estimator_refit.pt for calibrated shears")
+        warnings.warn(msg, UncalibratedWarning, stacklevel=2)
+        log.warning(msg)
     else:
         raise ValueError(
             f"{path} is neither a wlshear estimator file (format={obj.get('format')!r}) nor a "
@@ -308,7 +320,11 @@ def load_estimator(
     except RuntimeError as exc:
         raise ValueError(f"{path}: weights do not match the saved architecture {spec.get('class_path')}: {exc}") from exc
     try:
-        return ShearEstimator(net, calibration=calibration, metadata=metadata, normalize=normalize, device=device,
-                              surface=surface)
+        est = ShearEstimator(net, calibration=calibration, metadata=metadata, normalize=normalize, device=device)
+    except ValueError as exc:
+        raise ValueError(f"{path}: invalid calibration {dict(calibration)}: {exc}") from exc
+    try:
+        est.set_surface(surface)
     except ValueError as exc:
         raise ValueError(f"{path}: invalid calibration surface: {exc}") from exc
+    return est

@@ -472,6 +472,26 @@ def _markdown(run_summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_calibrated(estimator, path, allow: bool = False) -> None:
+    """Refuse (ValueError) an estimator whose metadata says it has no fitted calibration (a
+    Lightning checkpoint, train.py's estimator.pt) or an untrained network, unless ``allow``."""
+    meta = estimator.metadata or {}
+    why = []
+    if meta.get("calibrated") is False:
+        why.append("a Lightning checkpoint, which has no fitted calibration" if meta.get("source_checkpoint")
+                   else "not calibrated (no head refit calibration: train.py's estimator.pt?)")
+    if meta.get("untrained"):
+        why.append("the network of a run that never trained (refit.allow_untrained)")
+    if not why:
+        return
+    msg = f"infer_clash: estimator={path} is " + " and ".join(why)
+    if allow:
+        log.warning("%s; running it anyway (allow_uncalibrated=true): shears are biased", msg)
+        return
+    raise ValueError(msg + "; its shears would be biased. Use the run's estimator_refit.pt, or set "
+                     "allow_uncalibrated=true to run it anyway.")
+
+
 def run(cfg: DictConfig) -> dict:
     """Process every configured cluster (module docstring); returns the run summary dict."""
     from wlshear.models.estimator import load_estimator
@@ -488,6 +508,7 @@ def run(cfg: DictConfig) -> dict:
         raise ValueError("infer_clash: set `estimator=<path>` (train.py writes <run_dir>/estimator_refit.pt)")
     clusters = _cluster_list(cfg)
     estimator = load_estimator(cfg.estimator)
+    check_calibrated(estimator, cfg.estimator, bool(cfg.get("allow_uncalibrated", False)))
     log.info("estimator %s: %s", cfg.estimator, estimator)
     rng = np.random.default_rng(int(cfg.seed))
 
