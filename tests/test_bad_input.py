@@ -474,3 +474,84 @@ def test_bad_calibration_is_reported_as_calibration_not_surface(tmp_path):
     torch.save(obj, tmp_path / "badsurf.pt")
     with pytest.raises(ValueError, match=r"badsurf.pt: invalid calibration surface"):
         load_estimator(tmp_path / "badsurf.pt")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.test_size=33", r"data.test_size = 33 must be even: data.test_ring = true renders 90-degree ring pairs"),
+])
+def test_relations_between_keys(tmp_path, override, message):
+    from wlshear.tasks.train import run
+
+    with pytest.raises(ValueError, match=message):
+        run(_compose("train.yaml", tmp_path, ["debug=fast", override]))
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. command lines: arguments checked before any work
+
+@pytest.mark.parametrize("args, message", [
+    (["--n", "0"], r"argument --n: 0 must be an integer in \[1, 100000000\]"),
+    (["--n", "-5"], r"argument --n: -5 must be an integer in \[1, 100000000\]"),
+    (["--n", "abc"], r"argument --n: 'abc' must be an integer"),
+    (["--out", "x.txt"], r"argument --out: 'x.txt': unsupported file type '.txt'; use .npz or .fits"),
+    (["--noise-scale", "-1"], r"argument --noise-scale: -1 must be a number in \[0, 100\]"),
+    (["--source", "cosmos"], r"--source cosmos needs --catalog-dir"),
+    (["--population", "matched"], r"--population matched needs --target-catalog"),
+    (["--ring", "--n", "3"], r"--n must be even"),
+    (["--noise-kernel", "nope.npy"], r"argument --noise-kernel: 'nope.npy': no such file"),
+    (["--backend", "cuda"], r"argument --backend: invalid choice: 'cuda'"),
+])
+def test_render_cli_rejects_bad_arguments_before_rendering(tmp_path, capsys, monkeypatch, args, message):
+    import re
+
+    from wlshear.sim import render
+
+    def boom(*a, **k):  # rendering must never start
+        raise AssertionError("rendered despite bad arguments")
+
+    monkeypatch.setattr(render.StampRenderer, "simulate", boom)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        render.main(args)
+    assert exit_.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_render_cli_all_failed_writes_nothing(tmp_path, monkeypatch, capsys):
+    from wlshear.sim import render
+
+    empty = render.StampBatch(np.zeros((0, 32, 32), np.float32), {k: np.zeros(0) for k in render.META_KEYS},
+                              [(1, "GalSimError: boom")] * 4)
+    monkeypatch.setattr(render.StampRenderer, "simulate", lambda self, *a, **k: empty)
+    assert render.main(["--n", "4", "--out", str(tmp_path / "s.npz")]) == 1
+    assert "all 4 stamps failed to render (nothing written)" in capsys.readouterr().err
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_simulate_checks_n_and_empty_batches_save():
+    from wlshear.sim.render import StampBatch, StampRenderer
+    from wlshear.sim.sources import ParametricSource
+
+    r = StampRenderer(ParametricSource(n_galaxies=10, p_knots=0.0), gsparams=FAST_GSPARAMS)
+    with pytest.raises(ValueError, match=r"n must be an integer >= 0, got -5"):
+        r.simulate(-5, 0)
+    b = r.simulate(0, 0)
+    assert len(b) == 0 and "g1" in b.meta and b.shear.shape == (0, 2)
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("wlshear.clash.mock", ["--out", "o", "--size", "10"], r"argument --size: 10 must be an integer in \[64, 100000\]"),
+    ("wlshear.clash.mock", ["--out", "o", "--noise-scale", "0"], r"argument --noise-scale: 0 must be a number in \(0, 100\]"),
+    ("wlshear.clash.mock", ["--out", "o", "--z-source", "0.2"], r"--z-source 0.2 must be beyond --z-lens 0.3"),
+    ("wlshear.clash.noise_kernel", ["--image", "a.fits", "--out", "k.npy", "--size", "6"], r"--size: 6 must be odd"),
+])
+def test_other_clis_check_their_numbers(tmp_path, capsys, monkeypatch, module, args, message):
+    import importlib
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(module).main(args)
+    assert exit_.value.code == 2 and re.search(message, capsys.readouterr().err)
+    assert not list(tmp_path.iterdir())

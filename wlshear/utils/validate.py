@@ -395,11 +395,22 @@ def _sizes_vs_groups(get: Callable[[str], Any]) -> str | None:
     return None
 
 
+def _even_ring(n_key: str, ring_key: str) -> Callable[[Callable[[str], Any]], str | None]:
+    def check(get: Callable[[str], Any]) -> str | None:
+        n, ring = get(n_key), get(ring_key)
+        if ring is True and isinstance(n, int) and n % 2:
+            return f"{n_key} = {n} must be even: {ring_key} = true renders 90-degree ring pairs"
+        return None
+    return check
+
+
 #: checks between keys: (keys, check); a check returns a message or None, and is skipped when one
 #: of its keys already broke its own rule
 RELATIONS: tuple[tuple[tuple[str, ...], Callable[[Callable[[str], Any]], str | None]], ...] = (
     (("data.stamp_size", "model.net.stamp_size"), _same_stamp_size),
     (("data.group_size", "data.batch_size"), _sizes_vs_groups),
+    (("data.test_size", "data.test_ring"), _even_ring("data.test_size", "data.test_ring")),
+    (("test.n", "test.ring"), _even_ring("test.n", "test.ring")),
 )
 
 
@@ -482,3 +493,45 @@ def validate_values(values: Mapping[str, Any], rules: Mapping[str, Rule], prefix
             for k, v in flat.items() if not rules[k[len(prefix):]].ok(_plain(v))]
     if msgs:
         raise ConfigError(f"invalid {what}(s):\n  " + "\n  ".join(msgs))
+
+
+# ---------------------------------------------------------------------------------------------
+# command-line arguments: argparse ``type=`` functions with the same vocabulary
+
+def cli_type(rule: Rule, parse: Callable[[str], Any] | None = None) -> Callable[[str], Any]:
+    """An argparse ``type`` that parses a string (int for ``int`` rules, float for ``float``) and
+    checks it against ``rule``; argparse then reports ``argument --n: ... must be an integer >= 1``
+    before any work starts."""
+    import argparse
+
+    conv = parse or (int if rule.kind == "int" else float)
+
+    def check(text: str) -> Any:
+        try:
+            v = conv(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {rule.describe()}") from None
+        if not rule.ok(v):
+            raise argparse.ArgumentTypeError(f"{text} must be {rule.describe()}")
+        return v
+
+    check.__name__ = rule.describe()
+    return check
+
+
+def cli_path(suffixes: Sequence[str], must_exist: bool = False) -> Callable[[str], str]:
+    """An argparse ``type`` for a file path with one of ``suffixes`` (and, optionally, existing)."""
+    import argparse
+    from pathlib import Path
+
+    def check(text: str) -> str:
+        p = Path(text)
+        if suffixes and p.suffix.lower() not in suffixes:
+            raise argparse.ArgumentTypeError(f"{text!r}: unsupported file type {p.suffix or '(none)'!r}; use "
+                                             + " or ".join(suffixes))
+        if must_exist and not p.is_file():
+            raise argparse.ArgumentTypeError(f"{text!r}: no such file (absolute: {p.resolve()})")
+        return text
+
+    check.__name__ = "path"
+    return check
