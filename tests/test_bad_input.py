@@ -283,13 +283,24 @@ def test_truncated_cosmos_image_file_named_before_rendering(tmp_path, cosmos_rea
 
     from wlshear.sim.sources import CosmosSource
 
+    from wlshear.data.datasets import CachedStampSet
+
+    name = "real_galaxy_catalog_26_extension_example.fits"
     shutil.copytree(cosmos_real_dir, tmp_path / "c")
     img = tmp_path / "c" / "real_galaxy_images_extension.fits"
+    good = img.read_bytes()
     img.chmod(0o644)
-    img.write_bytes(img.read_bytes()[: img.stat().st_size // 4])
+    img.write_bytes(good[: len(good) // 4])
     with pytest.raises(ValueError, match=r"truncated or unreadable files \(real_galaxy_images_extension.fits: "
                        r"its headers need \d+ bytes but it has \d+ \(truncated\)\)"):
-        CosmosSource(tmp_path / "c", file_name="real_galaxy_catalog_26_extension_example.fits")
+        CosmosSource(tmp_path / "c", file_name=name)
+    # repaired: the same stamps as a clean run on the untouched data
+    img.write_bytes(good)
+    sets = [CachedStampSet(_renderer(CosmosSource(d, file_name=name, gsparams=FAST_GSPARAMS)), 12, seed=3,
+                           cache_dir=tmp_path / f"cache{i}", name="val", progress=False)
+            for i, d in enumerate((tmp_path / "c", cosmos_real_dir))]
+    assert not sets[0].batch.failures
+    np.testing.assert_array_equal(sets[0].batch.stamps, sets[1].batch.stamps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -555,3 +566,16 @@ def test_other_clis_check_their_numbers(tmp_path, capsys, monkeypatch, module, a
         importlib.import_module(module).main(args)
     assert exit_.value.code == 2 and re.search(message, capsys.readouterr().err)
     assert not list(tmp_path.iterdir())
+
+
+def test_fit_surface_checks_its_data_config_first(tmp_path, monkeypatch):
+    import importlib
+
+    from wlshear.utils.validate import FIT_SURFACE_RULES, ConfigError, problems
+
+    fit_surface = importlib.import_module("wlshear.calibration.fit_surface")  # the package exports a function too
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"data.noise_scale = -1: must be a number in \[0, 100\]"):
+        fit_surface.main(["--estimator", "missing.pt", "--out", "o.pt", "data.noise_scale=-1"])
+    assert problems(fit_surface.compose_data([]), FIT_SURFACE_RULES) == []

@@ -31,6 +31,7 @@ __all__ = [
     "TRAIN_RULES",
     "EVALUATE_RULES",
     "INFER_CLASH_RULES",
+    "FIT_SURFACE_RULES",
     "DATA_RULES",
 ]
 
@@ -343,6 +344,9 @@ EVALUATE_RULES: dict[str, Rule] = {
     "studies.noise.n": Int(2),
     "studies.noise.levels": Floats(0, 100, "x the CLASH noise kernel"),
 }
+
+#: conf/fit_surface.yaml (the data config of ``python -m wlshear.calibration.fit_surface``)
+FIT_SURFACE_RULES: dict[str, Rule] = {"seed": Int(0), **_prefixed("data", {**DATA_RULES, "refit_size": Int(0)})}
 
 INFER_CLASH_RULES: dict[str, Rule] = {
     "seed": Int(0),
