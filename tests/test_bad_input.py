@@ -126,7 +126,7 @@ def test_zero_optimiser_steps_refused_after_fit(tmp_path):
     from wlshear.tasks.train import UntrainedError, run
 
     cfg = _compose("train.yaml", tmp_path, ["debug=fast", "+trainer.limit_train_batches=0", "data.val_size=8"])
-    with pytest.raises(UntrainedError, match=r"no optimiser step ran \(trainer.global_step = 0"):
+    with pytest.raises(UntrainedError, match=r"no optimiser step changed the network's weights \(trainer.global_step = 0"):
         run(cfg)
     assert not (tmp_path / "run" / "estimator.pt").exists()
 

@@ -280,6 +280,7 @@ def run(cfg: DictConfig) -> dict:
         lg.log_hyperparams(hp)
 
     metrics: dict = {"run_dir": str(out_dir)}
+    initial = [p.detach().clone() for p in model.parameters()]  # to tell whether training changed anything
     if cfg.get("train", True):
         trainer.fit(model=model, datamodule=dm, ckpt_path=ckpt_path)
         metrics["resumed_from"] = ckpt_path
@@ -292,11 +293,15 @@ def run(cfg: DictConfig) -> dict:
         metrics["best_checkpoint"] = best
     if not trainer.is_global_zero:  # ranks > 0 stop here: only rank 0 evaluates and writes files
         return metrics
-    untrained = trainer.global_step == 0 and not (cfg.get("model") or {}).get("init_from")
+    # weights, not trainer.global_step: under ddp_spawn the main process's counters stay at 0
+    unchanged = all(torch.equal(a, b.detach().cpu()) for a, b in zip(initial, model.parameters()))
+    untrained = unchanged and not (cfg.get("model") or {}).get("init_from")
+    del initial
     if untrained:
         if not cfg.refit.get("allow_untrained", False):
-            raise UntrainedError(_untrained_hint(f"no optimiser step ran (trainer.global_step = 0 after "
-                                                 f"trainer.max_epochs = {cfg.trainer.get('max_epochs')})"))
+            raise UntrainedError(_untrained_hint(
+                f"no optimiser step changed the network's weights (trainer.global_step = {trainer.global_step} "
+                f"after trainer.max_epochs = {cfg.trainer.get('max_epochs')})"))
         log.warning("refit.allow_untrained: writing estimators of an untrained network (marked untrained)")
 
     dm.setup("validate")
