@@ -31,15 +31,12 @@ certainly not CLASH counts.
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 
 import numpy as np
 import torch
 
 __all__ = ["STD_MIN", "STD_MAX", "FLAT_RTOL", "stamp_array", "check_stamps", "flag_summary"]
-
-log = logging.getLogger(__name__)
 
 #: smallest per-stamp pixel std [CLASH counts] of a usable stamp
 STD_MIN = 1e-5
@@ -92,22 +89,20 @@ def check_stamps(stamps) -> tuple[np.ndarray, np.ndarray]:
         peak = np.abs(xb).max(axis=1, initial=0.0)
         centred = xb - xb[:, :1]  # exact 0 for a flat stamp, as in normalize_stamps
         std = centred.std(axis=1)
-        for i in range(len(xb)):
-            j = s + i
-            if not finite[i]:
-                reasons[j] = "non-finite: a NaN or infinite pixel"
-            elif peak[i] == 0:
-                reasons[j] = "all zero: blank or fully masked stamp"
-            elif std[i] <= FLAT_RTOL * peak[i]:
-                reasons[j] = "flat: no pixel variation beyond float32 rounding"
-            elif std[i] < STD_MIN:
-                reasons[j] = (f"scale too small: pixel std {std[i]:.3g} < {STD_MIN:g} counts, not CLASH counts "
-                              "(physical flux units?)")
-            elif std[i] > STD_MAX:
-                reasons[j] = f"scale too large: pixel std {std[i]:.3g} > {STD_MAX:g} counts, not CLASH counts"
-            else:
-                continue
-            failed[j] = True
+        kinds = [  # first match wins, in this order
+            (~finite, lambda k: "non-finite: a NaN or infinite pixel"),
+            (peak == 0, lambda k: "all zero: blank or fully masked stamp"),
+            (std <= FLAT_RTOL * peak, lambda k: "flat: no pixel variation beyond float32 rounding"),
+            (std < STD_MIN, lambda k: f"scale too small: pixel std {std[k]:.3g} < {STD_MIN:g} counts, not CLASH "
+                                      "counts (physical flux units?)"),
+            (std > STD_MAX, lambda k: f"scale too large: pixel std {std[k]:.3g} > {STD_MAX:g} counts, not CLASH counts"),
+        ]
+        done = np.zeros(len(xb), dtype=bool)
+        for mask, text in kinds:
+            for k in np.flatnonzero(mask & ~done):
+                reasons[s + k] = text(k)
+            done |= mask
+        failed[s:s + len(xb)] = done
     return failed, reasons
 
 
