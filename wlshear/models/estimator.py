@@ -55,6 +55,7 @@ __all__ = ["ShearEstimator", "load_estimator", "UncalibratedWarning", "FORMAT_NA
 
 log = logging.getLogger(__name__)
 
+
 class UncalibratedWarning(UserWarning):
     """A loaded estimator has no fitted calibration (e.g. read from a Lightning checkpoint)."""
 
@@ -122,13 +123,7 @@ class ShearEstimator:
     # ------------------------------------------------------------------ calibration
     def set_calibration(self, m1: float = 0.0, c1: float = 0.0, m2: float = 0.0, c2: float = 0.0) -> None:
         """Set the bias model ``g_raw = (1 + m) g_true + c`` that :meth:`predict` inverts."""
-        cal = {"m1": float(m1), "c1": float(c1), "m2": float(m2), "c2": float(c2)}
-        for k, v in cal.items():
-            if not math.isfinite(v):
-                raise ValueError(f"calibration {k} must be finite, got {v}")
-        if cal["m1"] <= -1 or cal["m2"] <= -1:
-            raise ValueError(f"calibration needs 1 + m > 0, got m1 = {cal['m1']}, m2 = {cal['m2']}")
-        self.calibration = cal
+        self.calibration = _checked_calibration(m1, c1, m2, c2)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -140,7 +135,13 @@ class ShearEstimator:
         progress: bool = False,
     ) -> np.ndarray:
         """Uncalibrated network shears ``(N, 2)`` float64 for raw stamps ``(N, H, W)`` or ``(N, 1, H, W)``."""
-        x = torch.as_tensor(stamp_array(stamps, getattr(self.net, "stamp_size", None)))
+        x = torch.as_tensor(np.asarray(stamps) if not isinstance(stamps, torch.Tensor) else stamps)
+        if x.ndim == 2:
+            raise ValueError(f"expected a batch of stamps (N, H, W); got one stamp {tuple(x.shape)}: use stamps[None]")
+        if x.ndim == 4 and x.shape[1] == 1:
+            x = x[:, 0]
+        if x.ndim != 3:
+            raise ValueError(f"stamps must be (N, H, W) or (N, 1, H, W), got shape {tuple(x.shape)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.net.eval()
@@ -232,6 +233,17 @@ class ShearEstimator:
         )
 
 
+def _checked_calibration(m1: float = 0.0, c1: float = 0.0, m2: float = 0.0, c2: float = 0.0) -> dict[str, float]:
+    """``{"m1", "c1", "m2", "c2"}`` as floats; ValueError unless finite with 1 + m > 0."""
+    cal = {"m1": float(m1), "c1": float(c1), "m2": float(m2), "c2": float(c2)}
+    for k, v in cal.items():
+        if not math.isfinite(v):
+            raise ValueError(f"calibration {k} must be finite, got {v}")
+    if cal["m1"] <= -1 or cal["m2"] <= -1:
+        raise ValueError(f"calibration needs 1 + m > 0, got m1 = {cal['m1']}, m2 = {cal['m2']}")
+    return cal
+
+
 def _symmetrize(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return symmetrize(net, x)
 
@@ -250,6 +262,20 @@ def _read(path: Path, map_location: Any, weights_only: bool) -> Any:
         raise ValueError(
             f"{path} is not a readable torch file (corrupt, truncated or wrong format): {exc}"
         ) from exc
+
+
+def _check_loaded(path: Path, calibration: Mapping[str, float], metadata: Mapping[str, Any]) -> None:
+    """A bad calibration is named as such (not as a bad surface); a Lightning checkpoint, which
+    has no calibration, is loaded with an :class:`UncalibratedWarning`."""
+    try:
+        _checked_calibration(**{k: calibration.get(k, 0.0) for k in _CAL_KEYS})
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: invalid calibration {calibration!r}: {exc}") from exc
+    if metadata.get("source_checkpoint") and metadata.get("calibrated") is False:
+        msg = (f"{path} is a Lightning checkpoint: the estimator has no fitted calibration (m = c = 0, no head "
+               "refit calibration), so its shears are biased; use the run's estimator_refit.pt for calibrated shears")
+        warnings.warn(msg, UncalibratedWarning, stacklevel=3)
+        log.warning(msg)
 
 
 def load_estimator(
@@ -304,27 +330,20 @@ def load_estimator(
                     "epoch": obj.get("epoch"), "global_step": obj.get("global_step")}
         normalize = True
         surface = None
-        msg = (f"{path} is a Lightning checkpoint: the estimator has no fitted calibration (m = c = 0, no head "
-               "refit calibration), so its shears are biased; use the run's estimator_refit.pt for calibrated shears")
-        warnings.warn(msg, UncalibratedWarning, stacklevel=2)
-        log.warning(msg)
     else:
         raise ValueError(
             f"{path} is neither a wlshear estimator file (format={obj.get('format')!r}) nor a "
             "ShearRegressor Lightning checkpoint"
         )
 
+    _check_loaded(path, calibration, metadata)
     net = build_net(spec)
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:
         raise ValueError(f"{path}: weights do not match the saved architecture {spec.get('class_path')}: {exc}") from exc
     try:
-        est = ShearEstimator(net, calibration=calibration, metadata=metadata, normalize=normalize, device=device)
-    except ValueError as exc:
-        raise ValueError(f"{path}: invalid calibration {dict(calibration)}: {exc}") from exc
-    try:
-        est.set_surface(surface)
+        return ShearEstimator(net, calibration=calibration, metadata=metadata, normalize=normalize, device=device,
+                              surface=surface)
     except ValueError as exc:
         raise ValueError(f"{path}: invalid calibration surface: {exc}") from exc
-    return est

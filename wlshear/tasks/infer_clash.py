@@ -508,8 +508,8 @@ def run(cfg: DictConfig) -> dict:
         raise ValueError("infer_clash: set `estimator=<path>` (train.py writes <run_dir>/estimator_refit.pt)")
     clusters = _cluster_list(cfg)
     estimator = load_estimator(cfg.estimator)
-    check_calibrated(estimator, cfg.estimator, bool(cfg.get("allow_uncalibrated", False)))
     log.info("estimator %s: %s", cfg.estimator, estimator)
+    check_calibrated(estimator, cfg.estimator, bool(cfg.get("allow_uncalibrated", False)))
     rng = np.random.default_rng(int(cfg.seed))
 
     run_summary = {"estimator": str(cfg.estimator), "clusters": {}, "failed": {}, "out_dir": str(out_dir)}
