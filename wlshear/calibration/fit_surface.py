@@ -58,19 +58,21 @@ def binned_table(g_true, g_est, mag, pair_ids, bins: int = 5) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    from wlshear.utils.validate import FIT_SURFACE_RULES, Int, cli_type, validate_config
+
     ap = argparse.ArgumentParser(prog="python -m wlshear.calibration.fit_surface",
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--estimator", required=True, help="input estimator file (estimator_refit.pt)")
     ap.add_argument("--out", required=True, help="output estimator file with the surface")
-    ap.add_argument("--n", type=int, default=20000, help="stamps (ring pairs: n/2 galaxies)")
-    ap.add_argument("--seed", type=int, default=8001, help="seed of the fitting set")
+    ap.add_argument("--n", type=cli_type(Int(40)), default=20000, help="stamps (ring pairs: n/2 galaxies)")
+    ap.add_argument("--seed", type=cli_type(Int(0)), default=8001, help="seed of the fitting set")
     ap.add_argument("--features", nargs="+", default=["mag", "log10_hlr"], choices=sorted(FEATURES))
     ap.add_argument("--basis", default="poly", choices=["poly", "linear"])
-    ap.add_argument("--degree", type=int, default=3, help="total polynomial degree (basis poly)")
-    ap.add_argument("--stages", type=int, default=2, help="successive surface stages (see wlshear.calibration.surface)")
-    ap.add_argument("--n-knots", type=int, default=4, help="knots per feature (basis linear)")
+    ap.add_argument("--degree", type=cli_type(Int(0, 10)), default=3, help="total polynomial degree (basis poly)")
+    ap.add_argument("--stages", type=cli_type(Int(1, 10)), default=2, help="successive surface stages (see wlshear.calibration.surface)")
+    ap.add_argument("--n-knots", type=cli_type(Int(2, 100)), default=4, help="knots per feature (basis linear)")
     ap.add_argument("--no-symmetrize", action="store_true", help="fit on non-symmetrised predictions")
-    ap.add_argument("--workers", type=int, default=0, help="rendering worker processes")
+    ap.add_argument("--workers", type=cli_type(Int(0, 256)), default=0, help="rendering worker processes")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides of the data config (data.*, data/source=...)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -82,14 +84,15 @@ def main(argv=None) -> int:
     from wlshear.data.datasets import CachedStampSet
     from wlshear.models.estimator import load_estimator
 
+    cfg = compose_data(args.overrides)
+    validate_config(cfg, FIT_SURFACE_RULES, "fit_surface data config")
     est = load_estimator(args.estimator)
     if est.surface is not None:
         log.warning("%s already carries a calibration surface; fitting a new one on its surface-free output",
                     args.estimator)
-    cfg = compose_data(args.overrides)
     dm = instantiate(cfg.data)
     ss = CachedStampSet(dm.eval_renderer, args.n, args.seed, cache_dir=dm.cache_dir, ring=True,
-                        name="surface", workers=args.workers)
+                        name="surface", workers=args.workers, max_failure_fraction=dm.hparams.max_failure_fraction)
     b = ss.batch
     sym = not args.no_symmetrize
     g, failed = est.predict_with_flags(b.stamps, symmetrize=sym, apply_surface=False, batch_size=256)

@@ -497,40 +497,47 @@ def _floats(s: str, n: int | None = None):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from wlshear.utils.validate import Float, Int, cli_type
+
     ap = argparse.ArgumentParser(
         prog="python -m wlshear.clash.mock",
         description="Render a mock CLASH cluster field (7 filters + weights, baseline catalogue, truth).",
     )
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--cluster", default="mock", help="cluster name used in the file names")
-    ap.add_argument("--size", type=int, default=1200, help="field side in pixels (0.065\"/px)")
-    ap.add_argument("--n-galaxies", type=int, default=None, help="default: 800 x (size/1200)^2")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--m200", type=float, default=6e14, help="NFW M200 [Msun]")
-    ap.add_argument("--conc", type=float, default=4.0, help="NFW concentration")
-    ap.add_argument("--z-lens", type=float, default=0.3)
-    ap.add_argument("--z-source", type=float, default=1.0)
+    ap.add_argument("--size", type=cli_type(Int(64, 100000)), default=1200, help="field side in pixels (0.065\"/px)")
+    ap.add_argument("--n-galaxies", type=cli_type(Int(1)), default=None, help="default: 800 x (size/1200)^2")
+    ap.add_argument("--seed", type=cli_type(Int(0)), default=0)
+    ap.add_argument("--m200", type=cli_type(Float(0, lo_open=True)), default=6e14, help="NFW M200 [Msun]")
+    ap.add_argument("--conc", type=cli_type(Float(0, 100, lo_open=True)), default=4.0, help="NFW concentration")
+    ap.add_argument("--z-lens", type=cli_type(Float(0, 10, lo_open=True)), default=0.3)
+    ap.add_argument("--z-source", type=cli_type(Float(0, 20, lo_open=True)), default=1.0)
     ap.add_argument("--center", default=None, type=_ftype(2), help="'x y' lens centre in pixels (default: image centre)")
     ap.add_argument("--no-magnification", action="store_true", help="mu = 1 for every galaxy")
-    ap.add_argument("--n-stars", type=int, default=12)
+    ap.add_argument("--n-stars", type=cli_type(Int(0)), default=12)
     ap.add_argument("--star-mags", default="18.5 22.5", type=_ftype(2), help="'lo hi' star magnitude range")
     ap.add_argument("--source", default="parametric", choices=["parametric", "cosmos", "cosmos_parametric"])
     ap.add_argument("--catalog-dir", default=None, help="GalSim COSMOS catalogue directory")
     ap.add_argument("--noise-kernel", default=None, help="noise kernel .npy/.txt (default: embedded CLASH)")
-    ap.add_argument("--noise-scale", type=float, default=1.0)
-    ap.add_argument("--stamp-size", type=int, default=64, help="side of each galaxy's drawn stamp [px]")
-    ap.add_argument("--min-sep", type=float, default=20.0, help="minimum separation of objects [px]")
+    ap.add_argument("--noise-scale", type=cli_type(Float(0, 100, lo_open=True)), default=1.0,
+                    help="x the CLASH kernel (> 0: the weight maps are 1/sigma^2)")
+    ap.add_argument("--stamp-size", type=cli_type(Int(8, 1024)), default=64, help="side of each galaxy's drawn stamp [px]")
+    ap.add_argument("--min-sep", type=cli_type(Float(0)), default=20.0, help="minimum separation of objects [px]")
     ap.add_argument("--shallow", default="0 0 0.22 0.22", type=_ftype(4), help="'x0 y0 w h' (field fractions) or none")
-    ap.add_argument("--shallow-depth", type=float, default=1 / 3)
+    ap.add_argument("--shallow-depth", type=cli_type(Float(0, 1, lo_open=True)), default=1 / 3)
     ap.add_argument("--masked", default="0.78 0 0.22 0.12", type=_ftype(4), help="'x0 y0 w h' weight<100 region or none")
     ap.add_argument("--nan", default="0.45 0.88 0.04 0.04", type=_ftype(4), help="'x0 y0 w h' NaN region or none")
-    ap.add_argument("--baseline-response", type=float, default=None,
+    ap.add_argument("--baseline-response", type=cli_type(Float(0, lo_open=True)), default=None,
                     help="divide moments chi by this (default: measure on --n-calib simulated stamps)")
-    ap.add_argument("--n-calib", type=int, default=1000)
+    ap.add_argument("--n-calib", type=cli_type(Int(10)), default=1000)
     ap.add_argument("--ra", type=float, default=42.014, help="RA of the image centre [deg]")
     ap.add_argument("--dec", type=float, default=-3.529, help="Dec of the image centre [deg]")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.z_source <= args.z_lens:
+        ap.error(f"--z-source {args.z_source} must be beyond --z-lens {args.z_lens}")
+    if args.source != "parametric" and not args.catalog_dir:
+        ap.error(f"--source {args.source} needs --catalog-dir (a GalSim COSMOS catalogue directory)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = MockConfig(
         cluster=args.cluster, size=args.size, n_galaxies=args.n_galaxies, seed=args.seed, m200=args.m200,

@@ -160,6 +160,8 @@ def _read(path: str) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from wlshear.utils.validate import Float, Int, cli_type
+
     ap = argparse.ArgumentParser(
         prog="python -m wlshear.clash.noise_kernel",
         description="Measure the 7x7 background noise kernel of a (total) image and save it as .npy + .txt.",
@@ -167,13 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image", required=True, help="FITS image (first 2-D HDU), counts")
     ap.add_argument("--weight", help="optional FITS inverse-variance map on the same grid")
     ap.add_argument("--out", required=True, help="output .npy path (a .txt copy is written alongside)")
-    ap.add_argument("--size", type=int, default=7)
-    ap.add_argument("--stride", type=int, default=4)
-    ap.add_argument("--detect-thresh", type=float, default=3.0)
-    ap.add_argument("--dilate", type=int, default=5)
-    ap.add_argument("--min-ivar", type=float, default=None, help="absolute ivar floor")
-    ap.add_argument("--min-ivar-frac", type=float, default=0.5, help="floor as a fraction of the median ivar")
+    ap.add_argument("--size", type=cli_type(Int(1, 63)), default=7, help="kernel side [px], odd")
+    ap.add_argument("--stride", type=cli_type(Int(1)), default=4)
+    ap.add_argument("--detect-thresh", type=cli_type(Float(0, lo_open=True)), default=3.0)
+    ap.add_argument("--dilate", type=cli_type(Int(0)), default=5)
+    ap.add_argument("--min-ivar", type=cli_type(Float(0)), default=None, help="absolute ivar floor")
+    ap.add_argument("--min-ivar-frac", type=cli_type(Float(0, 1)), default=0.5, help="floor as a fraction of the median ivar")
     args = ap.parse_args(argv)
+    if args.size % 2 == 0:
+        ap.error(f"argument --size: {args.size} must be odd (the kernel has a centre pixel)")
     image = _read(args.image)
     ivar = _read(args.weight) if args.weight else None
     kernel, info = measure_noise_kernel(

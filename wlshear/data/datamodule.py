@@ -13,6 +13,7 @@ from wlshear.sim.noise import CorrelatedNoise
 from wlshear.sim.render import StampRenderer
 from wlshear.sim.sources import GalaxySource
 from wlshear.utils.plain import to_plain
+from wlshear.utils.validate import DATA_RULES, validate_values
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,10 @@ class ShearDataModule(L.LightningDataModule):
         set as shape-noise-cancelling 90-degree ring pairs
     cache_dir : where cached sets live (None = keep in memory only)
     backend : renderer backend ('galsim' or 'torch')
+    max_failure_fraction : a cached set with more failed stamps than this fraction raises
+        ``RenderFailureError`` and is not cached (default 1%)
+    stream_max_failure_fraction : the training stream stops with ``RenderFailureError`` when its
+        running failure fraction passes this (default 5%, judged after 100 stamps per worker)
     """
 
     def __init__(
@@ -68,8 +73,18 @@ class ShearDataModule(L.LightningDataModule):
         seed: int = 0,
         cache_dir: str | None = None,
         chunk: int = 64,
+        max_failure_fraction: float = 0.01,
+        stream_max_failure_fraction: float = 0.05,
     ):
         super().__init__()
+        validate_values(
+            dict(noise_scale=noise_scale, augment=_plain(augment) or {}, train_population=train_population,
+                 eval_population=eval_population, psf_fwhm=psf_fwhm, pixel_scale=pixel_scale, stamp_size=stamp_size,
+                 backend=backend, samples_per_epoch=samples_per_epoch, val_size=val_size, test_size=test_size,
+                 refit_size=refit_size, test_ring=test_ring, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                 num_workers=num_workers, seed=seed, chunk=chunk, max_failure_fraction=max_failure_fraction,
+                 stream_max_failure_fraction=stream_max_failure_fraction),
+            DATA_RULES, prefix="data.", what="data value")
         # plain containers only, so checkpoints load with torch.load(weights_only=True)
         augment, mag_bins, gsparams = _plain(augment), _plain(mag_bins), _plain(gsparams)
         noise_kernel = None if noise_kernel is None else str(noise_kernel)
@@ -91,12 +106,14 @@ class ShearDataModule(L.LightningDataModule):
     def _cached(self, name: str, n: int, seed_offset: int, ring: bool = False) -> CachedStampSet:
         return CachedStampSet(self.eval_renderer, n, self.hparams.seed * 1000 + seed_offset,
                               cache_dir=self.cache_dir, ring=ring, name=name,
-                              workers=self.hparams.num_workers)
+                              workers=self.hparams.num_workers,
+                              max_failure_fraction=self.hparams.max_failure_fraction)
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         if stage in (None, "fit") and self.train_set is None:
-            self.train_set = ShearStream(self.train_renderer, hp.samples_per_epoch, seed=hp.seed, chunk=hp.chunk)
+            self.train_set = ShearStream(self.train_renderer, hp.samples_per_epoch, seed=hp.seed, chunk=hp.chunk,
+                                         max_failure_fraction=hp.stream_max_failure_fraction)
         if stage in (None, "fit", "validate") and self.val_set is None:
             self.val_set = self._cached("val", hp.val_size, 1)
         if stage in (None, "test") and self.test_set is None:
@@ -166,7 +183,8 @@ class GroupedShearDataModule(ShearDataModule):
         hp = self.hparams
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = GroupedShearStream(self.train_renderer, hp.samples_per_epoch, group_size=self.group_size,
-                                                seed=hp.seed, chunk=hp.chunk, same_noise=self.same_noise)
+                                                seed=hp.seed, chunk=hp.chunk, same_noise=self.same_noise,
+                                                max_failure_fraction=hp.stream_max_failure_fraction)
         super().setup(stage)
 
     def train_dataloader(self) -> DataLoader:

@@ -3,10 +3,18 @@
 ``ShearStream``: an IterableDataset that renders training stamps on the fly in DataLoader
 workers. The random stream of each worker is seeded from (global seed, epoch, rank, worker id),
 so workers and ranks never draw the same stamps and the same seed and worker count reproduce the
-same stamps. Stamps that fail to render are skipped and counted (``failure_count``).
+same stamps. Stamps that fail to render are skipped and counted (``failure_count``); once a worker
+has attempted ``MIN_STREAM_ATTEMPTS`` stamps, a running failure fraction above
+``max_failure_fraction`` (``data.stream_max_failure_fraction``, default 5%) stops training with a
+:class:`RenderFailureError` naming the first failures.
 
 ``CachedStampSet``: a fixed, indexable set (validation, test, head refit) rendered once and
-cached on disk as ``.npz`` keyed by a hash of everything that decides its content.
+cached on disk as ``.npz`` keyed by a hash of everything that decides its content, including the
+size and checksum (or, above 64 MiB, modification time) of every file the source reads. A set is
+cached (and used) only when at most ``max_failure_fraction`` (``data.max_failure_fraction``,
+default 1%) of its stamps failed to render; above that it raises :class:`RenderFailureError`.
+Every re-render is logged with its reason (no cache yet, unreadable cache, too many failures in
+the cached set, or the settings / input files that differ from the newest cache of that set).
 """
 
 from __future__ import annotations
@@ -28,6 +36,38 @@ from wlshear.sim.render import StampBatch, StampRenderer
 log = logging.getLogger(__name__)
 
 
+#: a worker's training stream is judged against its failure limit once it attempted this many stamps
+MIN_STREAM_ATTEMPTS = 100
+#: input files up to this size enter cache keys by checksum, larger ones by size and mtime
+_CHECKSUM_BYTES = 64 * 2**20
+
+
+class RenderFailureError(RuntimeError):
+    """Too many stamps of a set or of the training stream failed to render."""
+
+
+def _failure_summary(failures, k: int = 3) -> str:
+    msgs = []
+    for f in failures:
+        if f is None:
+            continue
+        gid, msg = f
+        text = f"galaxy {gid}: {msg}"
+        if text not in msgs:
+            msgs.append(text)
+        if len(msgs) >= k:
+            break
+    return "; ".join(msgs) if msgs else "(messages not recorded)"
+
+
+def failure_error(what: str, n_failed: int, n_tried: int, limit: float, key: str, failures=()) -> RenderFailureError:
+    """The error for ``n_failed`` of ``n_tried`` stamps failed, above ``limit`` (config ``key``)."""
+    return RenderFailureError(
+        f"{what}: {n_failed} of {n_tried} stamps ({n_failed / max(n_tried, 1):.0%}) failed to render, above "
+        f"{key} = {limit:g}; first failures: {_failure_summary(failures)}. Nothing was cached. Fix the input "
+        f"(a truncated or corrupt catalogue / image file?) and rerun, or raise {key}.")
+
+
 def _dist_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -43,8 +83,9 @@ class ShearStream(IterableDataset):
     """
 
     def __init__(self, renderer: StampRenderer, samples_per_epoch: int, seed: int = 0,
-                 chunk: int = 64, return_meta: bool = False):
+                 chunk: int = 64, return_meta: bool = False, max_failure_fraction: float = 0.05):
         self.renderer = renderer
+        self.max_failure_fraction = float(max_failure_fraction)
         self.samples_per_epoch = int(samples_per_epoch)
         self.seed = int(seed)
         self.chunk = int(chunk)
@@ -63,6 +104,21 @@ class ShearStream(IterableDataset):
         base, extra = divmod(per_rank, n_workers)
         return base + (1 if worker_id < extra else 0)
 
+    def _count_failures(self, batch: StampBatch, n_tried: int, wid: int) -> None:
+        """Add a rendered chunk's failures; raise once the running fraction passes the limit."""
+        self.attempted += n_tried
+        self.failure_count += len(batch.failures)
+        if len(batch.failures) and len(self.first_failures) < 3:
+            self.first_failures += list(batch.failures[: 3 - len(self.first_failures)])
+        if not len(batch.failures):
+            return
+        log.warning("worker %d: %d stamp(s) failed to render and were skipped (total %d of %d)",
+                    wid, len(batch.failures), self.failure_count, self.attempted)
+        if self.attempted >= MIN_STREAM_ATTEMPTS and self.failure_count > self.max_failure_fraction * self.attempted:
+            raise failure_error(f"training stream (worker {wid}, epoch {self.epoch})", self.failure_count,
+                                self.attempted, self.max_failure_fraction, "data.stream_max_failure_fraction",
+                                self.first_failures)
+
     def worker_seed(self, worker_id: int) -> list[int]:
         """Seed entropy of one worker's stream: (seed, epoch, rank, worker id)."""
         return [self.seed, self.epoch, self.rank, worker_id]
@@ -73,16 +129,14 @@ class ShearStream(IterableDataset):
         n = self._share(wid, nw)
         ss = np.random.SeedSequence(self.worker_seed(wid))
         p_rng, n_rng = (np.random.default_rng(s) for s in ss.spawn(2))
-        self.failure_count = 0
+        self.failure_count = self.attempted = 0
+        self.first_failures = []
         produced = 0
         while produced < n:
             m = min(self.chunk, n - produced)
             params = self.renderer.sample_params(p_rng, m)
             batch = self.renderer.render(params, n_rng)
-            self.failure_count += len(batch.failures)
-            if len(batch.failures):
-                log.warning("worker %d: %d stamp(s) failed to render and were skipped (total %d)",
-                            wid, len(batch.failures), self.failure_count)
+            self._count_failures(batch, m, wid)
             for i in range(len(batch)):
                 if produced >= n:
                     break
@@ -127,8 +181,10 @@ class GroupedShearStream(ShearStream):
     """
 
     def __init__(self, renderer: StampRenderer, samples_per_epoch: int, group_size: int = 8, seed: int = 0,
-                 chunk: int = 64, return_meta: bool = False, same_noise: bool = True):
-        super().__init__(renderer, samples_per_epoch, seed=seed, chunk=chunk, return_meta=return_meta)
+                 chunk: int = 64, return_meta: bool = False, same_noise: bool = True,
+                 max_failure_fraction: float = 0.05):
+        super().__init__(renderer, samples_per_epoch, seed=seed, chunk=chunk, return_meta=return_meta,
+                         max_failure_fraction=max_failure_fraction)
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2, got {group_size}")
         self.group_size = int(group_size)
@@ -150,14 +206,15 @@ class GroupedShearStream(ShearStream):
         n = self._share(wid, nw)
         ss = np.random.SeedSequence(self.worker_seed(wid) + [self.group_size])
         p_rng, n_rng = (np.random.default_rng(s) for s in ss.spawn(2))
-        self.failure_count = 0
+        self.failure_count = self.attempted = 0
+        self.first_failures = []
         produced = 0
         k = self.group_size
         per_chunk = max(1, self.chunk // k)
         while produced < n:
             params = grouped_params(self.renderer, p_rng, per_chunk, k)
             batch = self.render_groups(params, n_rng)
-            self.failure_count += len(batch.failures)
+            self._count_failures(batch, len(params), wid)
             grp = batch.meta["pair_id"]
             for gi in np.unique(grp):
                 if produced >= n:
@@ -204,8 +261,31 @@ def _config_hash(desc: dict) -> str:
     return hashlib.sha1(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def file_fingerprint(path) -> dict:
+    """Size and content of an input file for cache keys: SHA-1 up to 64 MiB, else modification
+    time (ns); a missing file is recorded as such."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return {"missing": True}
+    if st.st_size <= _CHECKSUM_BYTES:
+        h = hashlib.sha1()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(2**20), b""):
+                h.update(block)
+        return {"size": st.st_size, "sha1": h.hexdigest()[:16]}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def renderer_description(renderer: StampRenderer) -> dict:
-    """A JSON-able description of everything that decides a rendered set (for cache keys)."""
+    """A JSON-able description of everything that decides a rendered set (for cache keys).
+
+    Includes a fingerprint (:func:`file_fingerprint`) of every file the source reads
+    (``source.input_files()``): a set rendered from a damaged file is never reused once the file
+    is repaired. The noise kernel and a target catalogue enter through their content (kernel
+    values, population weights).
+    """
     src = renderer.source
     src_desc = {k: v for k, v in vars(src).items() if isinstance(v, (int, float, str, bool, tuple, type(None)))}
     src_desc["class"] = type(src).__name__
@@ -213,6 +293,9 @@ def renderer_description(renderer: StampRenderer) -> dict:
     src_desc["catalog_head"] = {k: np.asarray(v)[:50].tolist() for k, v in src.catalog.items() if k in ("mag", "hlr_px")}
     if hasattr(src, "catalog_path"):
         src_desc["catalog_path"] = str(src.catalog_path)
+    files = src.input_files() if hasattr(src, "input_files") else []
+    if files:
+        src_desc["files"] = {Path(f).name: file_fingerprint(f) for f in files}
     gsp = renderer.gsparams
     return {
         "source": src_desc,
@@ -229,17 +312,91 @@ def renderer_description(renderer: StampRenderer) -> dict:
     }
 
 
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _short(v, n: int = 60) -> str:
+    s = json.dumps(v, default=str)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def why_no_cache(path: Path, desc: dict) -> str:
+    """Why there is no cache at ``path``: what differs from the newest cache of the same set name
+    (its ``.json`` description), or that none exists yet."""
+    name = path.stem.rsplit("_", 1)[0]
+    others = sorted((p for p in path.parent.glob(f"{name}_*.json") if p.stem.rsplit("_", 1)[0] == name
+                     and p.with_suffix(".npz").exists()), key=lambda p: p.stat().st_mtime, reverse=True)
+    if not others:
+        return f"no cached {name} set yet"
+    try:
+        old = _flatten(json.loads(others[0].read_text()))
+    except (OSError, ValueError):
+        return f"no cache with this key ({others[0].name} unreadable)"
+    new = _flatten(json.loads(json.dumps(desc, default=str)))
+    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    shown = ", ".join(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in diff[:4])
+    more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+    return f"settings or input files differ from the cached {others[0].with_suffix('.npz').name}: {shown}{more}"
+
+
+def load_cached(path: Path, name: str, n: int, max_failure_fraction: float) -> StampBatch | None:
+    """A cached set at ``path``, or None (logged with the reason) when it is unreadable or holds
+    more failed stamps than ``max_failure_fraction`` of ``n`` (e.g. written by an older version)."""
+    try:
+        batch = StampBatch.load(path)
+    except Exception as err:  # a corrupt cache is re-rendered, not fatal
+        log.warning("re-rendering %s set: cache %s unreadable (%s)", name, path, err)
+        return None
+    if len(batch.failures) > max_failure_fraction * n:
+        log.warning("re-rendering %s set: cache %s lost %d of %d stamps, above data.max_failure_fraction = %g",
+                    name, path, len(batch.failures), n, max_failure_fraction)
+        return None
+    log.info("loaded cached %s set (%d stamps) from %s", name, len(batch), path)
+    return batch
+
+
+def save_cached(path: Path, batch: StampBatch, desc: dict, name: str, n: int, max_failure_fraction: float) -> None:
+    """Check the failure fraction (raise :class:`RenderFailureError` above the limit, caching
+    nothing), then write ``batch`` and its description atomically."""
+    if len(batch.failures) > max_failure_fraction * n:
+        raise failure_error(f"{name} set", len(batch.failures), n, max_failure_fraction,
+                            "data.max_failure_fraction", batch.failures)
+    if len(batch.failures):
+        log.warning("%s set: %d of %d stamp(s) failed to render and were skipped (within data.max_failure_fraction"
+                    " = %g)", name, len(batch.failures), n, max_failure_fraction)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # unique temporary name: several processes (DDP ranks) may render the same set at once; each
+    # writes its own file and atomically replaces the (identical) target
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz")
+    batch.save(tmp)
+    tmp.replace(path)
+    path.with_suffix(".json").write_text(json.dumps(desc, indent=1, default=str))
+
+
 class CachedStampSet(Dataset):
     """A fixed, seeded set of stamps, rendered once and cached as ``.npz``.
 
-    The cache file name holds a hash of the renderer description, n, seed and ring flag, so a
-    changed configuration never reuses a stale cache. ``workers`` renders in parallel processes
-    (the result does not depend on it).
+    The cache file name holds a hash of the renderer description (including the input files'
+    fingerprints), n, seed and ring flag, so a changed configuration or input file never reuses a
+    stale cache. ``workers`` renders in parallel processes (the result does not depend on it).
+    More than ``max_failure_fraction`` of ``n`` stamps failing to render raises
+    :class:`RenderFailureError` and caches nothing.
     """
 
     def __init__(self, renderer: StampRenderer, n: int, seed: int, cache_dir=None, ring: bool = False,
-                 name: str = "set", progress: bool = True, workers: int = 0):
+                 name: str = "set", progress: bool = True, workers: int = 0, max_failure_fraction: float = 0.01):
         self.n, self.seed, self.ring = int(n), int(seed), bool(ring)
+        self.max_failure_fraction = float(max_failure_fraction)
         desc = {"renderer": renderer_description(renderer), "n": self.n, "seed": self.seed, "ring": self.ring}
         self.key = _config_hash(desc)
         self.path = None
@@ -247,25 +404,16 @@ class CachedStampSet(Dataset):
         if cache_dir is not None:
             self.path = Path(cache_dir).expanduser() / f"{name}_{self.key}.npz"
             if self.path.exists():
-                try:
-                    batch = StampBatch.load(self.path)
-                    log.info("loaded cached %s set (%d stamps) from %s", name, len(batch), self.path)
-                except Exception as err:  # a corrupt cache is re-rendered, not fatal
-                    log.warning("cache %s unreadable (%s); re-rendering", self.path, err)
-                    batch = None
+                batch = load_cached(self.path, name, self.n, self.max_failure_fraction)
+            else:
+                why = why_no_cache(self.path, desc)
+                # a changed input file is worth a warning; new settings (another noise level, n) are routine
+                log.log(logging.WARNING if ".files." in why else logging.INFO,
+                        "rendering %s set (%d stamps): %s", name, self.n, why)
         if batch is None:
             batch = renderer.simulate(self.n, [self.seed, 7919], ring=self.ring, progress=progress,
                                       chunk=128, workers=workers)
-            if len(batch.failures):
-                log.warning("%s set: %d stamp(s) failed to render and were skipped", name, len(batch.failures))
-            if self.path is not None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                # unique temporary name: several processes (DDP ranks) may render the same set at
-                # once; each writes its own file and atomically replaces the (identical) target
-                tmp = self.path.with_name(f"{self.path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz")
-                batch.save(tmp)
-                tmp.replace(self.path)
-                (self.path.with_suffix(".json")).write_text(json.dumps(desc, indent=1, default=str))
+            save_cached(self.path, batch, desc, name, self.n, self.max_failure_fraction)
         self.batch = batch
         self.stamps = torch.from_numpy(np.ascontiguousarray(batch.stamps, dtype=np.float32))
         self.shear = torch.from_numpy(batch.shear)

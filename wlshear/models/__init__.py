@@ -1,7 +1,15 @@
 """CNN shear-estimation models: architectures, normalisation, symmetry averaging, head refit,
 the Lightning training module and the stand-alone :class:`ShearEstimator`."""
 
-from wlshear.models.architectures import PaperCNN, ResNetSmall, WideCNN, build_net, net_spec
+from wlshear.models.architectures import (
+    PaperCNN,
+    ResNetSmall,
+    WideCNN,
+    build_net,
+    net_spec,
+    register_architecture,
+    registered_architectures,
+)
 from wlshear.models.estimator import ShearEstimator, load_estimator
 from wlshear.models.module import ShearRegressor, linear_bias_fit
 from wlshear.models.normalize import normalize_stamps, normalize_stamps_np
@@ -14,6 +22,8 @@ __all__ = [
     "ResNetSmall",
     "net_spec",
     "build_net",
+    "register_architecture",
+    "registered_architectures",
     "normalize_stamps",
     "normalize_stamps_np",
     "apply",

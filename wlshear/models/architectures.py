@@ -19,7 +19,6 @@ from YAML (lists arrive as OmegaConf ``ListConfig`` and are converted to tuples 
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +32,8 @@ __all__ = [
     "ResNetSmall",
     "net_spec",
     "build_net",
+    "register_architecture",
+    "registered_architectures",
 ]
 
 
@@ -66,11 +67,17 @@ def _glorot_init(module: nn.Module) -> None:
 
 
 def _check_input(x: torch.Tensor, stamp_size: int) -> None:
-    if x.ndim != 4 or x.shape[1] != 1 or x.shape[-2:] != (stamp_size, stamp_size):
-        raise ValueError(
-            f"expected a (B, 1, {stamp_size}, {stamp_size}) tensor of normalised stamps, got shape "
-            f"{tuple(x.shape)}; add the channel axis with x.unsqueeze(1)"
-        )
+    s = stamp_size
+    if x.ndim == 4 and x.shape[1] == 1 and x.shape[-2:] == (s, s):
+        return
+    if x.ndim >= 2 and x.shape[-2:] != (s, s):
+        hint = (f"this network takes {s}x{s}-pixel stamps: cut stamps of that size centred on the galaxies "
+                f"rather than resizing, or build the network with stamp_size={x.shape[-1]} and train it")
+    elif x.ndim == 3:
+        hint = "add the channel axis with x.unsqueeze(1)"
+    else:
+        hint = "stack the stamps into a batch with one channel"
+    raise ValueError(f"expected a (B, 1, {s}, {s}) tensor of normalised stamps, got shape {tuple(x.shape)}; {hint}")
 
 
 class PaperCNN(nn.Module):
@@ -351,18 +358,52 @@ def net_spec(net: nn.Module) -> dict[str, Any]:
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "kwargs": dict(kwargs)}
 
 
+#: class path -> class of every architecture an estimator file may name (see :func:`build_net`)
+_ARCHITECTURES: dict[str, type] = {}
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_architecture(cls: type) -> type:
+    """Allow ``cls`` (an ``nn.Module`` subclass with ``init_kwargs``) in estimator files and
+    checkpoints loaded by :func:`build_net`; usable as a class decorator. Register your own
+    architecture before loading a file that names it."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"{cls!r} is not a torch.nn.Module subclass")
+    _ARCHITECTURES[_class_path(cls)] = cls
+    return cls
+
+
+def registered_architectures() -> list[str]:
+    """Class paths :func:`build_net` accepts."""
+    return sorted(_ARCHITECTURES)
+
+
+for _cls in (PaperCNN, WideCNN, ResNetSmall):
+    register_architecture(_cls)
+
+
 def build_net(spec: dict[str, Any]) -> nn.Module:
-    """Instantiate a network from :func:`net_spec` output (imports the class by its dotted path)."""
+    """Instantiate a network from :func:`net_spec` output.
+
+    Only registered architectures (this module's classes and those passed to
+    :func:`register_architecture`) are built: a file cannot make this import or run an arbitrary
+    module or class.
+    """
     try:
         class_path = str(spec["class_path"])
         kwargs = dict(spec.get("kwargs", {}))
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"invalid network spec {spec!r}: needs 'class_path' and 'kwargs'") from exc
-    module_name, _, cls_name = class_path.rpartition(".")
+    cls = _ARCHITECTURES.get(class_path)
+    if cls is None:
+        raise ValueError(
+            f"network class {class_path!r} is not an allowed architecture (allowed: "
+            f"{', '.join(registered_architectures())}); if you trust the file and the class is yours, "
+            "call wlshear.models.register_architecture(YourClass) before loading it")
     try:
-        cls = getattr(importlib.import_module(module_name), cls_name)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ValueError(f"cannot import network class {class_path!r}: {exc}") from exc
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ValueError(f"{class_path!r} is not a torch.nn.Module subclass")
-    return cls(**kwargs)
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"cannot build {class_path} from the saved arguments {kwargs}: {exc}") from exc

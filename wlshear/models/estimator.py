@@ -5,6 +5,10 @@ axis 1 = x/column), normalises each stamp, runs the network (optionally averaged
 symmetries of the square) and applies a linear calibration ``g = (g_raw - c) / (1 + m)`` per
 component, returning ``(N, 2)`` float64 (g1, g2).
 
+Pixel units: CLASH counts (zero-point 25.4193), background-subtracted. Stamps without usable
+signal -- non-finite, all zero, flat, or a pixel std outside [1e-5, 1e4] counts (other units) --
+are flagged and give NaN rows (:mod:`wlshear.models.input_checks`).
+
 File format (``torch.save`` of a dict, readable with ``torch.load(weights_only=True)``)::
 
     {"format": "wlshear-estimator", "version": 1,
@@ -28,13 +32,18 @@ observables ``o`` (magnitude, half-light radius, S/N) measured on the stamps by
 Files without the key (older files) load with no surface.
 
 :func:`load_estimator` also reads a Lightning checkpoint written while training a
-:class:`~wlshear.models.module.ShearRegressor` (the network is rebuilt from ``hparams["net_spec"]``).
+:class:`~wlshear.models.module.ShearRegressor` (the network is rebuilt from ``hparams["net_spec"]``);
+such an estimator has no calibration: loading it warns (:class:`UncalibratedWarning`) and sets
+``metadata["calibrated"] = False``. Only registered architectures are rebuilt
+(:func:`wlshear.models.architectures.register_architecture`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,12 +54,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from wlshear.models.architectures import build_net, net_spec
+from wlshear.models.input_checks import check_stamps, flag_summary, stamp_array
 from wlshear.models.normalize import normalize_stamps
 from wlshear.models.symmetry import symmetrize
 from wlshear.sim.metacal import SHEAR_NAMES, MetacalOperator, MetacalSettings
 from wlshear.utils.plain import to_plain as _plain
 
-__all__ = ["ShearEstimator", "load_estimator", "FORMAT_NAME", "FORMAT_VERSION"]
+__all__ = ["ShearEstimator", "load_estimator", "UncalibratedWarning", "FORMAT_NAME", "FORMAT_VERSION"]
+
+log = logging.getLogger(__name__)
+
+
+class UncalibratedWarning(UserWarning):
+    """A loaded estimator has no fitted calibration (e.g. read from a Lightning checkpoint)."""
+
 
 FORMAT_NAME = "wlshear-estimator"
 FORMAT_VERSION = 1
@@ -139,13 +156,7 @@ class ShearEstimator:
     # ------------------------------------------------------------------ calibration
     def set_calibration(self, m1: float = 0.0, c1: float = 0.0, m2: float = 0.0, c2: float = 0.0) -> None:
         """Set the bias model ``g_raw = (1 + m) g_true + c`` that :meth:`predict` inverts."""
-        cal = {"m1": float(m1), "c1": float(c1), "m2": float(m2), "c2": float(c2)}
-        for k, v in cal.items():
-            if not math.isfinite(v):
-                raise ValueError(f"calibration {k} must be finite, got {v}")
-        if cal["m1"] <= -1 or cal["m2"] <= -1:
-            raise ValueError(f"calibration needs 1 + m > 0, got m1 = {cal['m1']}, m2 = {cal['m2']}")
-        self.calibration = cal
+        self.calibration = _checked_calibration(m1, c1, m2, c2)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -275,28 +286,34 @@ class ShearEstimator:
         progress: bool = False,
         apply_surface: bool = True,
     ) -> np.ndarray:
-        """Calibrated shears ``(N, 2)`` float64 = (g1, g2) for raw stamps in counts ``(N, 32, 32)``.
+        """Calibrated shears ``(N, 2)`` float64 = (g1, g2) for raw stamps in CLASH counts ``(N, 32, 32)``.
 
         With a calibration surface attached (and ``apply_surface``), the observables are measured
         on the stamps (``measure_observables``) and the per-galaxy correction is applied after the
-        global calibration. Stamps with non-finite pixels give NaN rows (see
-        :meth:`predict_with_flags`).
+        global calibration. Stamps without usable signal (non-finite, all zero, flat, pixel std
+        outside [1e-5, 1e4] counts: :func:`~wlshear.models.input_checks.check_stamps`) give NaN
+        rows; :meth:`predict_with_flags` returns the flags and reasons.
         """
-        g = self.calibrate(self.predict_raw(stamps, symmetrize=symmetrize, batch_size=batch_size, progress=progress))
-        if apply_surface and self.surface is not None:
-            x = stamps.detach().cpu().numpy() if isinstance(stamps, torch.Tensor) else np.asarray(stamps)
-            if x.ndim == 4:
-                x = x[:, 0]
-            g = self.surface.apply_to_stamps(g, x)
-        return g
+        return self.predict_with_flags(stamps, symmetrize=symmetrize, batch_size=batch_size, progress=progress,
+                                       apply_surface=apply_surface)[0]
 
-    def predict_with_flags(self, stamps: np.ndarray | torch.Tensor, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
-        """``(g (N, 2), failed (N,) bool)``; failed rows (non-finite input or output) hold NaN."""
-        g = self.predict(stamps, **kwargs)
-        x = np.asarray(stamps.detach().cpu() if isinstance(stamps, torch.Tensor) else stamps)
-        failed = ~np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1) | ~np.isfinite(g).all(axis=1)
+    def predict_with_flags(self, stamps: np.ndarray | torch.Tensor, return_reasons: bool = False,
+                           symmetrize: bool = True, batch_size: int = 4096, progress: bool = False,
+                           apply_surface: bool = True) -> tuple[np.ndarray, ...]:
+        """``(g (N, 2), failed (N,) bool)`` (plus ``reasons`` (N,) str with ``return_reasons``);
+        failed rows -- unusable input (see :meth:`predict`) or non-finite output -- hold NaN."""
+        x = stamp_array(stamps, getattr(self.net, "stamp_size", None))
+        g = self.calibrate(self.predict_raw(x, symmetrize=symmetrize, batch_size=batch_size, progress=progress))
+        if apply_surface and self.surface is not None:
+            g = self.surface.apply_to_stamps(g, x)
+        failed, reasons = check_stamps(x)
+        bad_out = ~failed & ~np.isfinite(g).all(axis=1)
+        reasons[bad_out] = "non-finite output"
+        failed |= bad_out
         g[failed] = np.nan
-        return g, failed
+        if failed.any():
+            log.warning("%d of %d stamps flagged (NaN shear): %s", failed.sum(), len(failed), flag_summary(reasons))
+        return (g, failed, reasons) if return_reasons else (g, failed)
 
     __call__ = predict
 
@@ -332,6 +349,17 @@ class ShearEstimator:
             f"normalize={self.normalize}, surface={self.surface!r}, metacal={self.metacal_operator!r}, "
             f"counterfactual_input={self.counterfactual_input}, device={self.device})"
         )
+
+
+def _checked_calibration(m1: float = 0.0, c1: float = 0.0, m2: float = 0.0, c2: float = 0.0) -> dict[str, float]:
+    """``{"m1", "c1", "m2", "c2"}`` as floats; ValueError unless finite with 1 + m > 0."""
+    cal = {"m1": float(m1), "c1": float(c1), "m2": float(m2), "c2": float(c2)}
+    for k, v in cal.items():
+        if not math.isfinite(v):
+            raise ValueError(f"calibration {k} must be finite, got {v}")
+    if cal["m1"] <= -1 or cal["m2"] <= -1:
+        raise ValueError(f"calibration needs 1 + m > 0, got m1 = {cal['m1']}, m2 = {cal['m2']}")
+    return cal
 
 
 def _symmetrize(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -377,6 +405,20 @@ def _read(path: Path, map_location: Any, weights_only: bool) -> Any:
         raise ValueError(
             f"{path} is not a readable torch file (corrupt, truncated or wrong format): {exc}"
         ) from exc
+
+
+def _check_loaded(path: Path, calibration: Mapping[str, float], metadata: Mapping[str, Any]) -> None:
+    """A bad calibration is named as such (not as a bad surface); a Lightning checkpoint, which
+    has no calibration, is loaded with an :class:`UncalibratedWarning`."""
+    try:
+        _checked_calibration(**{k: calibration.get(k, 0.0) for k in _CAL_KEYS})
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: invalid calibration {calibration!r}: {exc}") from exc
+    if metadata.get("source_checkpoint") and metadata.get("calibrated") is False:
+        msg = (f"{path} is a Lightning checkpoint: the estimator has no fitted calibration (m = c = 0, no head "
+               "refit calibration), so its shears are biased; use the run's estimator_refit.pt for calibrated shears")
+        warnings.warn(msg, UncalibratedWarning, stacklevel=3)
+        log.warning(msg)
 
 
 def load_estimator(
@@ -429,7 +471,7 @@ def load_estimator(
         if not state:
             raise ValueError(f"{path}: checkpoint state_dict has no 'net.*' entries")
         calibration = {}
-        metadata = {"source_checkpoint": str(path), "hparams": _plain(hp),
+        metadata = {"source_checkpoint": str(path), "hparams": _plain(hp), "calibrated": False,
                     "epoch": obj.get("epoch"), "global_step": obj.get("global_step")}
         normalize = True
         surface = None
@@ -441,6 +483,7 @@ def load_estimator(
             "ShearRegressor Lightning checkpoint"
         )
 
+    _check_loaded(path, calibration, metadata)
     net = build_net(spec)
     try:
         net.load_state_dict(state)

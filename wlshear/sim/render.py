@@ -35,6 +35,9 @@ from wlshear.sim.sources import GalaxySource, make_gsparams
 
 log = logging.getLogger(__name__)
 
+#: file types StampBatch.save writes
+STAMP_SUFFIXES = (".npz", ".fits", ".fit")
+
 META_KEYS = (
     "g1", "g2", "galaxy_id", "mag", "mag_source", "hlr_px", "snr",
     "dx", "dy", "rotation", "mirror", "mu", "pair_id",
@@ -338,6 +341,8 @@ class StampRenderer:
         noise stream, so the result does not depend on ``workers`` (parallel processes) and the
         same seed gives the same galaxies, shears and augmentations on every backend.
         """
+        if int(n) != n or n < 0:
+            raise ValueError(f"simulate: n must be an integer >= 0, got {n}")
         ss = np.random.SeedSequence(seed)
         p_seq, n_seq = ss.spawn(2)
         params = self.sample_params(np.random.default_rng(p_seq), n, ring=ring)
@@ -354,8 +359,9 @@ class StampRenderer:
 
             it = tqdm(it, total=len(jobs), desc=f"rendering {n} stamps ({self.source.name})", unit="chunk")
         parts = list(it)
-        if not parts:
-            return StampBatch(np.zeros((0, self.stamp_size, self.stamp_size), np.float32), {}, [])
+        if not parts:  # n = 0: an empty batch that still has every meta column
+            return StampBatch(np.zeros((0, self.stamp_size, self.stamp_size), np.float32),
+                              {k: np.zeros(0) for k in META_KEYS}, [])
         stamps = np.concatenate([b.stamps for b in parts])
         meta = {k: np.concatenate([b.meta[k] for b in parts]) for k in parts[0].meta}
         failures = [f for b in parts for f in b.failures]
@@ -401,25 +407,38 @@ def build_source(name: str, catalog_dir=None, gsparams=None, **kw) -> GalaxySour
 
 def main(argv=None) -> int:
     import argparse
+    import sys
 
     from wlshear.metrics.plots import plot_stamp_grid
 
+    from wlshear.utils.validate import Float, Int, cli_path, cli_type
+
     ap = argparse.ArgumentParser(prog="python -m wlshear.sim.render",
                                  description="Render CLASH-like galaxy stamps to a file, plus a PNG grid.")
-    ap.add_argument("--n", type=int, default=1000, help="number of stamps")
-    ap.add_argument("--out", default="stamps.npz", help="output .npz or .fits")
+    ap.add_argument("--n", type=cli_type(Int(1, 10**8)), default=1000, help="number of stamps (>= 1)")
+    ap.add_argument("--out", type=cli_path(STAMP_SUFFIXES), default="stamps.npz", help="output .npz or .fits")
     ap.add_argument("--source", default="parametric", choices=["parametric", "cosmos", "cosmos_parametric"])
     ap.add_argument("--catalog-dir", default=None, help="GalSim COSMOS catalogue directory")
-    ap.add_argument("--noise-scale", type=float, default=1.0, help="x the CLASH kernel (0 = noiseless)")
-    ap.add_argument("--noise-kernel", default=None, help="kernel file (.npy/.txt); default: embedded CLASH")
+    ap.add_argument("--noise-scale", type=cli_type(Float(0, 100)), default=1.0,
+                    help="x the CLASH kernel (0 = noiseless)")
+    ap.add_argument("--noise-kernel", type=cli_path((".npy", ".txt"), must_exist=True), default=None,
+                    help="kernel file (.npy/.txt); default: embedded CLASH")
     ap.add_argument("--test-mode", action="store_true", help="rotation and mirror only (no shift/magnification)")
     ap.add_argument("--ring", action="store_true", help="90-degree ring pairs (shape-noise cancelling)")
     ap.add_argument("--population", default="natural", choices=["natural", "homogenised", "matched"])
-    ap.add_argument("--target-catalog", default=None, help="(mag, hlr_px) table for --population matched")
-    ap.add_argument("--backend", default="galsim")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--grid", default=None, help="PNG of normalised stamps (default: <out>.png)")
+    ap.add_argument("--target-catalog", type=cli_path((), must_exist=True), default=None,
+                    help="(mag, hlr_px) table for --population matched")
+    ap.add_argument("--backend", default="galsim", choices=sorted(_BACKENDS))
+    ap.add_argument("--seed", type=cli_type(Int(0)), default=0)
+    ap.add_argument("--grid", type=cli_path((".png", ".pdf", ".svg", ".jpg", ".jpeg")), default=None,
+                    help="image of normalised stamps (default: <out>.png)")
     args = ap.parse_args(argv)
+    if args.source != "parametric" and not args.catalog_dir:
+        ap.error(f"--source {args.source} needs --catalog-dir (a GalSim COSMOS catalogue directory)")
+    if args.population == "matched" and not args.target_catalog:
+        ap.error("--population matched needs --target-catalog (a (mag, hlr_px) table)")
+    if args.ring and args.n % 2:
+        ap.error(f"--ring renders pairs: --n must be even, got {args.n}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     gsp = dict(minimum_fft_size=64, folding_threshold=1e-2, maxk_threshold=3e-3)
     src = build_source(args.source, args.catalog_dir, gsparams=gsp)
@@ -431,6 +450,10 @@ def main(argv=None) -> int:
         target_catalog=args.target_catalog, gsparams=gsp, backend=args.backend,
     )
     batch = renderer.simulate(args.n, args.seed, ring=args.ring, progress=True)
+    if len(batch) == 0:
+        print(f"error: all {args.n} stamps failed to render (nothing written); first failure: "
+              f"{batch.failures[0] if batch.failures else '?'}", file=sys.stderr)
+        return 1
     out = batch.save(args.out)
     grid = Path(args.grid) if args.grid else out.with_suffix(".png")
     k = min(len(batch), 64)

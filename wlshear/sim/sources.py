@@ -98,6 +98,10 @@ class GalaxySource:
     def __len__(self) -> int:
         return len(self.catalog["mag"])
 
+    def input_files(self) -> list[Path]:
+        """Every file this source reads (cache keys cover their content); none for built-in sources."""
+        return []
+
     def galaxy(self, index: int) -> galsim.GSObject:
         """The galaxy profile for ``index`` (cached)."""
         index = int(index)
@@ -255,12 +259,59 @@ def _find_catalog_file(directory: Path, file_name: str | None) -> Path:
     return cands[0]
 
 
-def check_cosmos_dir(catalog_dir, file_name=None, use_real=True, exclusion_level="none") -> Path:
-    """Check that a GalSim COSMOS catalogue directory has every file the chosen mode needs.
+FITS_BLOCK = 2880  # every complete FITS file is a whole number of 2880-byte blocks
+_FULL_CHECK_BYTES = 64 * 2**20  # files up to this size have every HDU header walked
 
-    Raises one FileNotFoundError listing all missing files and how to download them.
-    Returns the catalogue file path.
+
+def fits_problem(path) -> str | None:
+    """Why the FITS file ``path`` is truncated or unreadable, or None if it looks complete.
+
+    Files up to 64 MiB have every HDU header read and the end of the last data unit compared with
+    the file size (exact); larger files (the COSMOS image files) are checked for a size that is a
+    whole number of 2880-byte FITS blocks and a readable first header (cheap, catches almost every
+    interrupted download).
     """
+    from astropy.io import fits
+
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    if size % FITS_BLOCK:
+        return f"its size {size} bytes is not a whole number of {FITS_BLOCK}-byte FITS blocks (truncated)"
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # astropy's truncation warning: we measure it ourselves
+            with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
+                if size > _FULL_CHECK_BYTES:
+                    hdul[0].header  # noqa: B018 - the first header must parse
+                    return None
+                end = 0
+                for hdu in hdul:
+                    info = hdu.fileinfo()
+                    end = max(end, info["datLoc"] + info["datSpan"])
+    except Exception as err:  # astropy raises OSError, ValueError, TypeError, ... on broken files
+        return f"it is not a readable FITS file ({type(err).__name__}: {err})"
+    if end > size:
+        return f"its headers need {end} bytes but it has {size} (truncated)"
+    return None
+
+
+def check_cosmos_dir(catalog_dir, file_name=None, use_real=True, exclusion_level="none") -> Path:
+    """Check that a GalSim COSMOS catalogue directory has every file the chosen mode needs, and
+    that none of them is truncated (:func:`fits_problem`).
+
+    Raises one FileNotFoundError listing all missing files and how to download them, or a
+    ValueError naming every truncated / unreadable file. Returns the catalogue file path.
+    """
+    return _cosmos_files(catalog_dir, file_name, use_real, exclusion_level)[0]
+
+
+def _cosmos_files(catalog_dir, file_name=None, use_real=True, exclusion_level="none") -> list[Path]:
+    """[catalogue, its companions and (use_real) image / PSF / noise files], checked as in
+    :func:`check_cosmos_dir`."""
     directory = Path(catalog_dir).expanduser()
     if not directory.is_dir():
         raise FileNotFoundError(
@@ -268,17 +319,21 @@ def check_cosmos_dir(catalog_dir, file_name=None, use_real=True, exclusion_level
         )
     cat_path = _find_catalog_file(directory, file_name)
     missing = []
+    names: set[str] = set()
     if not cat_path.exists():
         missing.append(cat_path.name)
     else:
         from astropy.io import fits
 
+        why = fits_problem(cat_path)
+        if why:
+            raise ValueError(f"COSMOS catalogue {cat_path} is unusable: {why}. Re-download it. "
+                             + DOWNLOAD_HINT.format(dir=directory.parent))
         try:
             with fits.open(cat_path) as hdul:
                 cols = hdul[1].columns.names
                 data = hdul[1].data
                 if use_real:
-                    names = set()
                     for col in ("GAL_FILENAME", "PSF_FILENAME", "NOISE_FILENAME"):
                         if col in cols:
                             names.update(str(v).strip() for v in np.unique(data[col]))
@@ -298,7 +353,15 @@ def check_cosmos_dir(catalog_dir, file_name=None, use_real=True, exclusion_level
             f"COSMOS catalogue directory {directory} is incomplete; missing: {', '.join(missing)}. "
             + DOWNLOAD_HINT.format(dir=directory.parent)
         )
-    return cat_path
+    files = [cat_path, fits_file]
+    if exclusion_level not in (None, "none"):
+        files.append(directory / f"{stem}_selection.fits")
+    files += [directory / n for n in sorted(names) if n]
+    broken = [f"{f.name}: {why}" for f in files[1:] if (why := fits_problem(f))]
+    if broken:
+        raise ValueError(f"COSMOS catalogue directory {directory} has truncated or unreadable files ("
+                         + "; ".join(broken) + "). Re-download them. " + DOWNLOAD_HINT.format(dir=directory.parent))
+    return files
 
 
 class CosmosSource(GalaxySource):
@@ -339,7 +402,8 @@ class CosmosSource(GalaxySource):
     ):
         super().__init__(gsparams, cache_size)
         self.name = "cosmos" if use_real else "cosmos_parametric"
-        cat_path = check_cosmos_dir(catalog_dir, file_name, use_real, exclusion_level)
+        self._files = _cosmos_files(catalog_dir, file_name, use_real, exclusion_level)
+        cat_path = self._files[0]
         self.catalog_path = cat_path
         self.use_real = bool(use_real)
         self.alpha = float(alpha)
@@ -374,6 +438,10 @@ class CosmosSource(GalaxySource):
             "hlr_px": hlr_px[keep],
             "cosmos_ident": np.asarray(pc["IDENT"])[orig][keep] if "IDENT" in names else self._index,
         }
+
+    def input_files(self) -> list[Path]:
+        """Catalogue, fits, selection and (real galaxies) image, PSF and noise files."""
+        return list(self._files)
 
     def _open(self):
         self._cosmos = galsim.COSMOSCatalog(

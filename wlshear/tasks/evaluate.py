@@ -58,6 +58,7 @@ from wlshear.metrics.bias import (  # noqa: F401 - bias_summary, pair_bootstrap_
 )
 from wlshear.metrics.binned import bin_edges, binned_bias, to_csv
 from wlshear.utils.hydra import print_config_tree, save_resolved_config, write_json
+from wlshear.utils.validate import EVALUATE_RULES, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +407,8 @@ def _save_fig(fig, path: Path) -> Path:
 # study sets
 
 
-def _shifted_set(renderer, n: int, seed: int, shift_hlr: float, ring: bool, cache_dir, progress: bool):
+def _shifted_set(renderer, n: int, seed: int, shift_hlr: float, ring: bool, cache_dir, progress: bool,
+                 max_failure_fraction: float = 0.01):
     """Test stamps whose centroid is shifted by ``shift_hlr`` x hlr_px in a random direction.
 
     Galaxies, shears, directions and noise are the same for every ``shift_hlr`` (same seed); ring
@@ -414,7 +416,7 @@ def _shifted_set(renderer, n: int, seed: int, shift_hlr: float, ring: bool, cach
     """
     from tqdm.auto import tqdm
 
-    from wlshear.data.datasets import renderer_description
+    from wlshear.data.datasets import load_cached, renderer_description, save_cached
     from wlshear.sim.render import StampBatch
 
     desc = {"renderer": renderer_description(renderer), "n": n, "seed": seed, "ring": ring,
@@ -422,10 +424,9 @@ def _shifted_set(renderer, n: int, seed: int, shift_hlr: float, ring: bool, cach
     key = hashlib.sha1(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:12]
     path = Path(cache_dir).expanduser() / f"centroid_{key}.npz" if cache_dir else None
     if path is not None and path.exists():
-        try:
-            return StampBatch.load(path)
-        except Exception as err:  # corrupt cache: re-render
-            log.warning("cache %s unreadable (%s); re-rendering", path, err)
+        cached = load_cached(path, f"centroid {shift_hlr:g} hlr", n, max_failure_fraction)
+        if cached is not None:
+            return cached
     p_seq, n_seq, d_seq = np.random.SeedSequence([seed, 104729]).spawn(3)
     params = renderer.sample_params(np.random.default_rng(p_seq), n, ring=ring)
     phi_pair = np.random.default_rng(d_seq).uniform(0, 2 * np.pi, int(params.pair_id.max()) + 1)
@@ -440,10 +441,7 @@ def _shifted_set(renderer, n: int, seed: int, shift_hlr: float, ring: bool, cach
     batch = StampBatch(np.concatenate([b.stamps for b in parts]),
                        {k: np.concatenate([b.meta[k] for b in parts]) for k in parts[0].meta},
                        [f for b in parts for f in b.failures])
-    if path is not None:
-        tmp = path.with_suffix(".tmp.npz")
-        batch.save(tmp)
-        tmp.replace(path)
+    save_cached(path, batch, desc, f"centroid {shift_hlr:g} hlr", n, max_failure_fraction)
     return batch
 
 
@@ -511,6 +509,7 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # check the inputs before any (slow) rendering
+    validate_config(cfg, EVALUATE_RULES, "evaluate config")
     ckpt_paths = resolve_checkpoints(cfg.get("checkpoints"), cfg.get("run_dir"))
     st = cfg.get("studies") or {}
     noise_ckpts = {float(k): Path(str(v)).expanduser()
@@ -558,8 +557,9 @@ def run(cfg: DictConfig) -> dict:
     # -- main test set ---------------------------------------------------------------------
     tcfg = cfg.test
     test_seed = seed * 1000 + int(tcfg.get("seed_offset", 5))
+    max_fail = float(dm.hparams.max_failure_fraction)
     test = CachedStampSet(renderer, int(tcfg.n), test_seed, cache_dir=dm.cache_dir, ring=bool(tcfg.ring),
-                          name=str(tcfg.get("name", "evaltest")), progress=progress)
+                          name=str(tcfg.get("name", "evaltest")), progress=progress, max_failure_fraction=max_fail)
     stamps = test.batch.stamps
     g_true = test.batch.shear.astype(np.float64)
     pair_ids = test.meta.get("pair_id") if tcfg.ring else None
@@ -666,7 +666,8 @@ def run(cfg: DictConfig) -> dict:
         rows = []
         n_c = int(ccfg.get("n", 4000))
         for shift in [float(s) for s in ccfg.get("shifts_hlr", [0, 0.2, 0.4, 0.6, 0.8])]:
-            b = _shifted_set(renderer, n_c, test_seed + 17, shift, bool(tcfg.ring), dm.cache_dir, progress)
+            b = _shifted_set(renderer, n_c, test_seed + 17, shift, bool(tcfg.ring), dm.cache_dir, progress,
+                             max_failure_fraction=max_fail)
             log.info("centroid shift %.2f hlr: %d stamps (%d failed to render)", shift, len(b), len(b.failures))
             r_s = run_estimators(b.stamps, cnns, study_baselines, study_sym, batch_size, progress=progress,
                                  desc=f"(shift {shift:g} hlr)")
@@ -714,7 +715,7 @@ def run(cfg: DictConfig) -> dict:
         for lvl in levels:
             rr = _noise_renderer(renderer, dm.hparams.noise_kernel, lvl)
             ns = CachedStampSet(rr, n_n, test_seed + 31, cache_dir=dm.cache_dir, ring=bool(tcfg.ring),
-                                name=f"evalnoise{lvl:g}", progress=progress)
+                                name=f"evalnoise{lvl:g}", progress=progress, max_failure_fraction=max_fail)
             bls = dict(other_bl)
             lvl_bl, lvl_skip = build_baselines([b for b in study_bl if b in ("wlenet", "fpfs")], bl_kwargs, wlenet_dir,
                                                noise_sigma=rr.noise.sigma if rr.noise is not None else 1e-6,

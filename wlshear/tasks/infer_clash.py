@@ -61,6 +61,7 @@ from wlshear.clash.maps import (
 from wlshear.clash.stamps import extract_stamps
 from wlshear.utils.hydra import print_config_tree, save_resolved_config, write_json
 from wlshear.utils.plain import to_plain
+from wlshear.utils.validate import INFER_CLASH_RULES, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -493,11 +494,33 @@ def _markdown(run_summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_calibrated(estimator, path, allow: bool = False, need_calibration: bool = True) -> None:
+    """Refuse (ValueError) an estimator whose metadata says it has no fitted calibration (a
+    Lightning checkpoint, train.py's estimator.pt) or an untrained network, unless ``allow``.
+    ``need_calibration=False`` (metacal: the responses calibrate) checks only for training."""
+    meta = estimator.metadata or {}
+    why = []
+    if need_calibration and meta.get("calibrated") is False:
+        why.append("a Lightning checkpoint, which has no fitted calibration" if meta.get("source_checkpoint")
+                   else "not calibrated (no head refit calibration: train.py's estimator.pt?)")
+    if meta.get("untrained"):
+        why.append("the network of a run that never trained (refit.allow_untrained)")
+    if not why:
+        return
+    msg = f"infer_clash: estimator={path} is " + " and ".join(why)
+    if allow:
+        log.warning("%s; running it anyway (allow_uncalibrated=true): shears are biased", msg)
+        return
+    raise ValueError(msg + "; its shears would be biased. Use the run's estimator_refit.pt, or set "
+                     "allow_uncalibrated=true to run it anyway.")
+
+
 def run(cfg: DictConfig) -> dict:
     """Process every configured cluster (module docstring); returns the run summary dict."""
     from wlshear.models.estimator import load_estimator
 
     t0 = time.time()
+    validate_config(cfg, INFER_CLASH_RULES, "infer_clash config")
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_resolved_config(cfg, out_dir)
@@ -515,6 +538,8 @@ def run(cfg: DictConfig) -> dict:
         raise ValueError(f"shear_calibration=metacal needs an estimator trained with `metacal=default` (its file carries "
                          f"the metacal settings); {cfg.estimator} has none")
     log.info("estimator %s: %s", cfg.estimator, estimator)
+    check_calibrated(estimator, cfg.estimator, bool(cfg.get("allow_uncalibrated", False)),
+                     need_calibration=calibration != "metacal")
     rng = np.random.default_rng(int(cfg.seed))
 
     run_summary = {"estimator": str(cfg.estimator), "clusters": {}, "failed": {}, "out_dir": str(out_dir)}

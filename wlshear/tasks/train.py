@@ -35,10 +35,13 @@ from wlshear.metrics.plots import plot_shear_scatter
 from wlshear.models.estimator import ShearEstimator
 from wlshear.models.refit import refit_head, refit_sample_size
 from wlshear.utils.hydra import instantiate_group, print_config_tree, save_resolved_config, write_json
+from wlshear.utils.validate import TRAIN_RULES, validate_config
 
 log = logging.getLogger(__name__)
 
 WANDB_ID_FILE = "wandb_id.txt"
+#: a refit calibration with 1 + m below this (outputs amplified > 5x) is written with a warning
+MIN_RESPONSE = 0.2
 
 
 def _launch_rank() -> int:
@@ -49,8 +52,9 @@ def _launch_rank() -> int:
 
 
 def check_required(cfg: DictConfig) -> None:
-    """Stop early, naming the keys, when mandatory values (``???``) are unset or a 'matched'
-    population has no ``data.target_catalog``."""
+    """Stop early, naming the keys, when mandatory values (``???``) are unset, a value has the
+    wrong type or range (``wlshear.utils.validate.TRAIN_RULES``) or a 'matched' population has no
+    ``data.target_catalog``."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(
@@ -58,6 +62,7 @@ def check_required(cfg: DictConfig) -> None:
             + ". Pass them on the command line, e.g. `python train.py experiment=paper_clash "
             "data.target_catalog=/path/to/clash_mag_hlr.csv` (the CLASH (mag, hlr_px) table)."
         )
+    validate_config(cfg, TRAIN_RULES, "train config")
     data = cfg.get("data") or {}
     matched = [k for k in ("train_population", "eval_population") if data.get(k) == "matched"]
     if matched and not data.get("target_catalog"):
@@ -66,6 +71,34 @@ def check_required(cfg: DictConfig) -> None:
             "CSV, columns `mag` at zero-point 25.4193 and `hlr_px` in 0.065\" pixels) whose population the "
             "stamps are matched to. Pass data.target_catalog=/path/to/table, or data.eval_population=natural."
         )
+
+
+class UntrainedError(ValueError):
+    """The run would write estimator files from a network that no optimiser step has changed."""
+
+
+def _untrained_hint(why: str) -> str:
+    return (f"{why}: refusing to write estimator.pt / estimator_refit.pt from an untrained network (the "
+            "head refit and calibration of random weights give confident garbage, e.g. outputs x ~38). "
+            "Train for at least one step (trainer.max_epochs >= 1, train=true), resume from a checkpoint "
+            "(ckpt_path=...), start from trained weights (model.init_from=...), or set "
+            "refit.allow_untrained=true to write them anyway (marked untrained in their metadata).")
+
+
+def check_will_train(cfg: DictConfig, ckpt_path: str | None) -> None:
+    """Before anything is rendered: refuse a run that cannot train (``train=false``,
+    ``trainer.max_epochs=0`` or ``trainer.max_steps=0``) and has no trained weights to start from,
+    unless ``refit.allow_untrained``."""
+    if (cfg.get("refit") or {}).get("allow_untrained", False):
+        return
+    if ckpt_path or (cfg.get("model") or {}).get("init_from"):
+        return
+    tr = cfg.get("trainer") or {}
+    if not cfg.get("train", True):
+        raise UntrainedError(_untrained_hint("train=false and no ckpt_path or model.init_from"))
+    for key in ("max_epochs", "max_steps"):
+        if tr.get(key) == 0:
+            raise UntrainedError(_untrained_hint(f"trainer.{key}=0"))
 
 
 def resolve_ckpt_path(cfg: DictConfig, out_dir: Path) -> str | None:
@@ -261,6 +294,7 @@ def run(cfg: DictConfig) -> dict:
         if cfg.get("extras", {}).get("print_config", False):
             print_config_tree(cfg, save_to=out_dir / "config_tree.txt")
     ckpt_path = resolve_ckpt_path(cfg, out_dir)
+    check_will_train(cfg, ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("medium")
 
@@ -283,6 +317,7 @@ def run(cfg: DictConfig) -> dict:
         lg.log_hyperparams(hp)
 
     metrics: dict = {"run_dir": str(out_dir)}
+    initial = [p.detach().clone() for p in model.parameters()]  # to tell whether training changed anything
     if cfg.get("train", True):
         trainer.fit(model=model, datamodule=dm, ckpt_path=ckpt_path)
         metrics["resumed_from"] = ckpt_path
@@ -295,17 +330,30 @@ def run(cfg: DictConfig) -> dict:
         metrics["best_checkpoint"] = best
     if not trainer.is_global_zero:  # ranks > 0 stop here: only rank 0 evaluates and writes files
         return metrics
+    # weights, not trainer.global_step: under ddp_spawn the main process's counters stay at 0
+    unchanged = all(torch.equal(a, b.detach().cpu()) for a, b in zip(initial, model.parameters()))
+    untrained = unchanged and not (cfg.get("model") or {}).get("init_from")
+    del initial
+    if untrained:
+        if not cfg.refit.get("allow_untrained", False):
+            raise UntrainedError(_untrained_hint(
+                f"no optimiser step changed the network's weights (trainer.global_step = {trainer.global_step} "
+                f"after trainer.max_epochs = {cfg.trainer.get('max_epochs')})"))
+        log.warning("refit.allow_untrained: writing estimators of an untrained network (marked untrained)")
 
     dm.setup("validate")
     model.eval()
     val = dm.val_set
     with torch.no_grad():
         val_pred = ShearEstimator(model.net).predict(val.stamps, symmetrize=False)
-    val_mse = float(np.mean((val_pred - val.batch.shear) ** 2))
+    usable = np.isfinite(val_pred).all(axis=1)  # flagged stamps (e.g. fully masked) are NaN rows
+    if not usable.all():
+        metrics["val_flagged"] = int((~usable).sum())
+    val_mse = float(np.mean((val_pred[usable] - val.batch.shear[usable]) ** 2))
     metrics["val_mse"] = val_mse
     metrics["val_mse_prior"] = float(cfg.data.augment.shear_max**2 / 3)
     log.info("validation MSE %.5f (prior variance %.5f)", val_mse, metrics["val_mse_prior"])
-    meta = {"config": hp, "val_mse": val_mse}
+    meta = {"config": hp, "val_mse": val_mse, "untrained": bool(untrained), "calibrated": False}
     mc = dict(metacal=metacal_op, counterfactual_input=metacal_op is not None)
     ShearEstimator(model.net, metadata=meta, **mc).save(out_dir / "estimator.pt")
 
@@ -323,6 +371,13 @@ def run(cfg: DictConfig) -> dict:
         cal = fit_bias(refit.batch.shear, est.predict(refit.stamps, symmetrize=cfg.evaluate.symmetrize))
         try:
             est.set_calibration(m1=cal.m[0], c1=cal.c[0], m2=cal.m[1], c2=cal.c[1])
+            est.metadata["calibrated"] = True
+            weak = [f"m{k + 1} = {cal.m[k]:+.3f}" for k in (0, 1) if 1 + cal.m[k] < MIN_RESPONSE]
+            if weak:  # written, but never silently: the calibration amplifies a weak response
+                msg = (f"the refit network responds weakly to shear ({', '.join(weak)}, 1 + m < {MIN_RESPONSE}): its "
+                       "calibration multiplies outputs by > 5; train longer")
+                log.warning(msg)
+                metrics["calibration_warning"] = msg
         except ValueError as exc:  # e.g. an under-trained net with 1 + m <= 0: keep the run's results
             log.warning("refit calibration not applied (%s); estimator_refit.pt is uncalibrated", exc)
             metrics["calibration_error"] = str(exc)
