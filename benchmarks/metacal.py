@@ -80,7 +80,8 @@ def rows_for(stamps, design, meta, shear, est, sim_est, baselines, op, args):
     g_true = np.stack([meta["g1"], meta["g2"]], axis=1)
     results = {}
     t = time.time()
-    mc = est.metacal(stamps, symmetrize=True, seed=args.seed)
+    groups = design["noise_group"] if "noise_group" in design else np.arange(len(stamps)) // 2
+    mc = est.metacal(stamps, symmetrize=True, seed=args.seed, noise_groups=groups)
     results["cnn_metacal"] = (mc["g"], mc["R"])
     timing = {"cnn_metacal_s": time.time() - t}
     if sim_est is not None:
@@ -89,7 +90,7 @@ def rows_for(stamps, design, meta, shear, est, sim_est, baselines, op, args):
         g, bad = b.estimate(stamps)
         results[name] = (np.where(bad[:, None], np.nan, g), None)
         if name in args.metacal_baselines:
-            m = metacal_measure(b.estimate, op, stamps, seed=args.seed)
+            m = metacal_measure(b.estimate, op, stamps, seed=args.seed, noise_groups=groups)
             results[f"{name}_metacal"] = (m["g"], m["R"])
     mags = meta["mag_source"]
     out = {}

@@ -132,12 +132,13 @@ def binned_shear(g: np.ndarray, R: np.ndarray, values: np.ndarray, edges: Sequen
 
 
 def metacal_measure(estimate, operator, stamps: np.ndarray, seed: int | None = 0, batch_size: int = 2000,
-                    progress: bool = False) -> dict[str, np.ndarray]:
+                    progress: bool = False, noise_groups=None) -> dict[str, np.ndarray]:
     """Metacalibrate any estimator ``estimate(stamps) -> (g (N, 2), failed (N,))`` (the baselines'
     interface) with a :class:`wlshear.sim.metacal.MetacalOperator`.
 
     Returns ``{"g", "R", "failed"}`` like ``ShearEstimator.metacal``: ``g`` on the no-shear
     counterfactual, ``R`` from the +-d images; a stamp fails if any of its five measurements fails.
+    ``noise_groups``: stamps of one group share one fixnoise field (as in ``ShearEstimator.metacal``).
     """
     import torch
     from tqdm.auto import tqdm
@@ -153,12 +154,17 @@ def metacal_measure(estimate, operator, stamps: np.ndarray, seed: int | None = 0
     failed = ~np.isfinite(x.reshape(n, -1)).all(axis=1)
     gen = torch.Generator()
     gen.manual_seed(0 if seed is None else int(seed))
+    fields = None
+    if noise_groups is not None and operator.adds_noise:
+        grp = np.asarray(noise_groups, dtype=np.int64)
+        fields = operator.sample_noise(int(grp.max()) + 1, "cpu", torch.float32, gen)
     for s in tqdm(range(0, n, batch_size), desc="metacal", disable=not progress):
         idx = np.arange(s, min(s + batch_size, n))
         idx = idx[~failed[idx]]
         if len(idx) == 0:
             continue
-        cf = operator.counterfactuals(torch.as_tensor(x[idx]), names, generator=gen).numpy()
+        noise = fields[torch.as_tensor(grp[idx])] if fields is not None else None
+        cf = operator.counterfactuals(torch.as_tensor(x[idx]), names, generator=gen, noise=noise).numpy()
         g, bad = estimate(cf.reshape(-1, *x.shape[1:]))
         g = np.where(np.asarray(bad)[:, None], np.nan, g)
         raw[idx] = g.reshape(len(idx), len(names), 2)

@@ -211,6 +211,7 @@ class ShearEstimator:
         seed: int | None = 0,
         return_sheared: bool = False,
         progress: bool = False,
+        noise_groups: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
         """Metacalibration of raw observed stamps ``(N, 32, 32)`` [counts] (as :meth:`predict` takes).
 
@@ -226,7 +227,9 @@ class ShearEstimator:
           selection responses, ``wlshear.calibration.metacal.selection_response``).
 
         The ensemble shear is ``<R>^-1 <g>`` (``wlshear.calibration.metacal.ensemble_shear``).
-        ``seed`` seeds the fixnoise fields (None: fresh ones each call).
+        ``seed`` seeds the fixnoise fields (None: fresh ones each call). ``noise_groups``: optional
+        ``(N,)`` ints; stamps of one group get the same fixnoise field (for simulations where they
+        share their own noise, e.g. the +-g common-noise design).
         """
         op = self.metacal_operator
         if op is None:
@@ -247,6 +250,7 @@ class ShearEstimator:
         x32 = x.float()
         failed = ~torch.isfinite(x32.reshape(n, -1)).all(dim=1).numpy()
         gen = _generator(seed)
+        fields = _group_noise(op, noise_groups, n, gen)
         dtype = next(self.net.parameters()).dtype
         self.net.eval()
         for s in tqdm(range(0, n, batch_size), desc="metacal", disable=not progress):
@@ -255,7 +259,12 @@ class ShearEstimator:
             if len(idx) == 0:
                 continue
             xb = x32[idx]
-            noise = op.sample_noise(len(idx), "cpu", torch.float32, gen) if op.adds_noise else None
+            if not op.adds_noise:
+                noise = None
+            elif fields is not None:
+                noise = fields[torch.as_tensor(np.asarray(noise_groups)[idx])]
+            else:
+                noise = op.sample_noise(len(idx), "cpu", torch.float32, gen)
             cf = op.counterfactuals(xb, names, noise=noise)  # (B, 5, n, n) float32
             flat = cf.reshape(-1, 1, n_pix, n_pix).to(device=self.device, dtype=dtype)
             if self.normalize:
@@ -380,6 +389,16 @@ def _as_stamps(stamps: np.ndarray | torch.Tensor) -> torch.Tensor:
     if x.ndim != 3:
         raise ValueError(f"stamps must be (N, H, W) or (N, 1, H, W), got shape {tuple(x.shape)}")
     return x
+
+
+def _group_noise(op, noise_groups, n: int, gen: torch.Generator) -> torch.Tensor | None:
+    """One fixnoise field per group (``noise_groups`` (N,) non-negative ints), or None."""
+    if noise_groups is None or not op.adds_noise:
+        return None
+    grp = np.asarray(noise_groups)
+    if grp.shape != (n,) or not np.issubdtype(grp.dtype, np.integer) or (n and grp.min() < 0):
+        raise ValueError(f"noise_groups must be ({n},) non-negative integers, got shape {grp.shape}, dtype {grp.dtype}")
+    return op.sample_noise(int(grp.max()) + 1 if n else 0, "cpu", torch.float32, gen)
 
 
 def _generator(seed: int | None) -> torch.Generator:

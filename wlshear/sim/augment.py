@@ -129,7 +129,9 @@ def shear_pair_params(galaxy_ids, n_orient: int, shear: float, rng: np.random.Ge
 
     Returns ``(params, noise_groups, design)``: ``noise_groups`` for ``StampRenderer.render``;
     ``design`` holds ``unit`` (galaxy x orientation index, the independent unit for errors),
-    ``component`` (0 or 1: which shear component is non-zero) and ``sign`` (+1 / -1) per stamp.
+    ``component`` (0 or 1: which shear component is non-zero), ``sign`` (+1 / -1) and
+    ``noise_group`` (the pair sharing a noise realisation; give it to ``metacal`` so that the pair
+    also shares its fixnoise field) per stamp.
     ``pair_id`` of the params is the unit index.
     """
     if n_orient < 1:
@@ -152,4 +154,4 @@ def shear_pair_params(galaxy_ids, n_orient: int, shear: float, rng: np.random.Ge
     params = StampParams(gid[unit], g[:, 0], g[:, 1], rotation, mir[unit], np.ones(8 * n_units),
                          zeros, zeros.copy(), unit)
     noise_groups = np.arange(8 * n_units) // 2  # the (+, -) stamps of one twin and component
-    return params, noise_groups, {"unit": unit, "component": comp, "sign": sign}
+    return params, noise_groups, {"unit": unit, "component": comp, "sign": sign, "noise_group": noise_groups}

@@ -96,7 +96,7 @@ def _real_rows(rcfg, renderer, cnns, baselines, data_cfg, overrides, seed) -> li
     for name, est in cnns.items():
         op, _ = operator_for(est, data_cfg, overrides)
         est.set_metacal(op)
-        res = est.metacal(batch.stamps, symmetrize=True, seed=seed)
+        res = est.metacal(batch.stamps, symmetrize=True, seed=seed, noise_groups=design["noise_group"])
         estimates[f"{name}_metacal"] = (res["g"], res["R"])
         estimates[f"{name}_sim"] = (est.predict(batch.stamps, symmetrize=True), None)
     for name, b in baselines.items():
@@ -104,7 +104,7 @@ def _real_rows(rcfg, renderer, cnns, baselines, data_cfg, overrides, seed) -> li
         estimates[name] = (np.where(np.asarray(bad)[:, None], np.nan, g), None)
         if name == "moments":
             op, _ = operator_for(None, data_cfg, overrides)
-            res = metacal_measure(b.estimate, op, batch.stamps, seed=seed)
+            res = metacal_measure(b.estimate, op, batch.stamps, seed=seed, noise_groups=design["noise_group"])
             estimates["moments_metacal"] = (res["g"], res["R"])
     rows = []
     for name, (g, R) in estimates.items():
