@@ -112,10 +112,10 @@ def throughput(est, n: int = 2048) -> dict:
         x = np.random.default_rng(0).normal(0, 3.6e-3, (n, 32, 32)).astype(np.float32)
         est.metacal(x[:256])
         t = time.time()
-        est.metacal(x, symmetrize=True, batch_size=256)
+        est.metacal(x, symmetrize=True)
         sym = n / (time.time() - t)
         t = time.time()
-        est.metacal(x, symmetrize=False, batch_size=256)
+        est.metacal(x, symmetrize=False)
         nosym = n / (time.time() - t)
     finally:
         torch.set_num_threads(threads)

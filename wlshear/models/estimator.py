@@ -207,7 +207,7 @@ class ShearEstimator:
         self,
         stamps: np.ndarray | torch.Tensor,
         symmetrize: bool = True,
-        batch_size: int = 1024,
+        batch_size: int = 64,
         seed: int | None = 0,
         return_sheared: bool = False,
         progress: bool = False,
@@ -227,6 +227,8 @@ class ShearEstimator:
           selection responses, ``wlshear.calibration.metacal.selection_response``).
 
         The ensemble shear is ``<R>^-1 <g>`` (``wlshear.calibration.metacal.ensemble_shear``).
+        ``batch_size`` stamps (x 5 images x 8 symmetries) per step: small batches stay in the CPU
+        cache (64: ~3x the throughput of 1024 on one core).
         ``seed`` seeds the fixnoise fields (None: fresh ones each call). ``noise_groups``: optional
         ``(N,)`` ints; stamps of one group get the same fixnoise field (for simulations where they
         share their own noise, e.g. the +-g common-noise design).
