@@ -72,6 +72,7 @@ class Rule:
     min_len: int = 1
     increasing: bool = False
     note: str = ""
+    specials: tuple = ()  # values accepted as they are (e.g. "auto"), besides the kind's
 
     # -- description --------------------------------------------------------------------------
     def _range(self) -> str:
@@ -113,6 +114,8 @@ class Rule:
             raise ValueError(f"unknown rule kind {k!r}")
         if self.nullable:
             s = "null or " + s
+        if self.specials:
+            s = s + " or " + " or ".join(repr(v) for v in self.specials)
         return s + (f" ({self.note})" if self.note else "")
 
     # -- checking -----------------------------------------------------------------------------
@@ -146,6 +149,11 @@ class Rule:
         return True
 
     def ok(self, v: Any) -> bool:
+        if self.specials and isinstance(v, str) and v in self.specials:
+            return True
+        return self._ok(v)
+
+    def _ok(self, v: Any) -> bool:
         """True when ``v`` satisfies the rule."""
         if v is None:
             return self.nullable
@@ -223,7 +231,7 @@ DATA_RULES: dict[str, Rule] = {
     "samples_per_epoch": Int(1),
     "val_size": Int(1),
     "test_size": Int(1),
-    "refit_size": Int(0),
+    "refit_size": Int(0, specials=("auto",), note="'auto': 2 x (features + 1) of the network"),
     "test_ring": Bool(),
     "batch_size": Int(1),
     "eval_batch_size": Int(1),
@@ -291,7 +299,7 @@ TRAINER_RULES: dict[str, Rule] = {
 
 REFIT_RULES: dict[str, Rule] = {
     "enabled": Bool(),
-    "n": Int(1, note="refit stamps"),
+    "n": Int(1, specials=("auto",), note="refit stamps; 'auto': 2 x (features + 1) of the network"),
     "batch_size": Int(1),
     "allow_untrained": Bool(note="write estimator_refit.pt even when no training step ran"),
 }
@@ -328,7 +336,7 @@ TRAIN_RULES: dict[str, Rule] = {
 
 EVALUATE_RULES: dict[str, Rule] = {
     "seed": Int(0),
-    **_prefixed("data", {**DATA_RULES, "refit_size": Int(0)}),
+    **_prefixed("data", {**DATA_RULES, "refit_size": Int(0, specials=("auto",))}),
     "trust_checkpoints": Bool(),
     "symmetrize": Rule("bools", note="evaluate without (false) and/or with (true) the symmetry average"),
     "batch_size": Int(1),
@@ -363,7 +371,7 @@ EVALUATE_RULES: dict[str, Rule] = {
 }
 
 #: conf/fit_surface.yaml (the data config of ``python -m wlshear.calibration.fit_surface``)
-FIT_SURFACE_RULES: dict[str, Rule] = {"seed": Int(0), **_prefixed("data", {**DATA_RULES, "refit_size": Int(0)})}
+FIT_SURFACE_RULES: dict[str, Rule] = {"seed": Int(0), **_prefixed("data", {**DATA_RULES, "refit_size": Int(0, specials=("auto",))})}
 
 INFER_CLASH_RULES: dict[str, Rule] = {
     "seed": Int(0),
