@@ -241,7 +241,7 @@ def test_metacal_calibration_choice(mock_dir, tmp_path):
     cfg.clusters = [good]
     with pytest.raises(ValueError, match="needs an estimator trained with `metacal=default`"):
         run(cfg)
-    with pytest.raises(ValueError, match="shear_calibration=.sky."):
+    with pytest.raises(ValueError, match=r"shear_calibration.*sky"):
         bad = _compose(tmp_path, [f"estimator={plain}", "shear_calibration=sky"])
         bad.clusters = [good]
         run(bad)
