@@ -5,7 +5,8 @@ shares:
 
 1. the backend draws the noiseless, lensed, PSF-convolved galaxy on the stamp grid
    (``backend='galsim'``: GalSim; faster backends plug in through ``register_backend``);
-2. pixels below the source's ``mask_threshold`` are set to 0 (COSMOS native noise);
+2. pixels below the source's ``mask_threshold`` are set to 0 (COSMOS native noise; unless the
+   source masks the unlensed galaxy itself, ``mask_stage="source"``);
 3. the stamp is multiplied by the source's ``flux_factor`` (now CLASH counts);
 4. correlated background noise is added (``CorrelatedNoise``).
 
@@ -229,9 +230,9 @@ class StampRenderer:
         )
 
     def postprocess(self, images: np.ndarray) -> np.ndarray:
-        """Mask (source's threshold) and scale by the source's flux factor -> CLASH counts."""
+        """Mask (source's image-stage threshold) and scale by the source's flux factor -> CLASH counts."""
         out = np.array(images, dtype=np.float64, copy=True)
-        thr = self.source.mask_threshold
+        thr = self.source.image_mask_threshold
         if thr is not None:
             out[out < thr] = 0.0
         return out * self.source.flux_factor
