@@ -157,7 +157,7 @@ def metacal_measure(estimate, operator, stamps: np.ndarray, seed: int | None = 0
     fields = None
     if noise_groups is not None and operator.adds_noise:
         grp = np.asarray(noise_groups, dtype=np.int64)
-        fields = operator.sample_noise(int(grp.max()) + 1, "cpu", torch.float32, gen)
+        fields = operator.sample_noise(int(grp.max()) + 1, "cpu", torch.float32, gen, size=x.shape[-1])
     for s in tqdm(range(0, n, batch_size), desc="metacal", disable=not progress):
         idx = np.arange(s, min(s + batch_size, n))
         idx = idx[~failed[idx]]
@@ -165,7 +165,8 @@ def metacal_measure(estimate, operator, stamps: np.ndarray, seed: int | None = 0
             continue
         noise = fields[torch.as_tensor(grp[idx])] if fields is not None else None
         cf = operator.counterfactuals(torch.as_tensor(x[idx]), names, generator=gen, noise=noise).numpy()
-        g, bad = estimate(cf.reshape(-1, *x.shape[1:]))
+        side = cf.shape[-1]
+        g, bad = estimate(cf.reshape(-1, side, side))
         g = np.where(np.asarray(bad)[:, None], np.nan, g)
         raw[idx] = g.reshape(len(idx), len(names), 2)
     d = operator.settings.step

@@ -41,6 +41,9 @@ class ShearDataModule(L.LightningDataModule):
         set as shape-noise-cancelling 90-degree ring pairs
     cache_dir : where cached sets live (None = keep in memory only)
     backend : renderer backend ('galsim' or 'torch')
+    render_margin : extra pixels rendered on each side of every stamp (stamps are
+        ``stamp_size + 2 render_margin``): the input margin of the metacal operator, which maps them
+        to ``stamp_size`` counterfactuals (``metacal.margin``; 0 without metacal)
     max_failure_fraction : a cached set with more failed stamps than this fraction raises
         ``RenderFailureError`` and is not cached (default 1%)
     stream_max_failure_fraction : the training stream stops with ``RenderFailureError`` when its
@@ -75,6 +78,7 @@ class ShearDataModule(L.LightningDataModule):
         chunk: int = 64,
         max_failure_fraction: float = 0.01,
         stream_max_failure_fraction: float = 0.05,
+        render_margin: int = 0,
     ):
         super().__init__()
         validate_values(
@@ -83,7 +87,7 @@ class ShearDataModule(L.LightningDataModule):
                  backend=backend, samples_per_epoch=samples_per_epoch, val_size=val_size, test_size=test_size,
                  refit_size=refit_size, test_ring=test_ring, batch_size=batch_size, eval_batch_size=eval_batch_size,
                  num_workers=num_workers, seed=seed, chunk=chunk, max_failure_fraction=max_failure_fraction,
-                 stream_max_failure_fraction=stream_max_failure_fraction),
+                 stream_max_failure_fraction=stream_max_failure_fraction, render_margin=render_margin),
             DATA_RULES, prefix="data.", what="data value")
         # plain containers only, so checkpoints load with torch.load(weights_only=True)
         augment, mag_bins, gsparams = _plain(augment), _plain(mag_bins), _plain(gsparams)
@@ -93,7 +97,7 @@ class ShearDataModule(L.LightningDataModule):
         self.source = source
         self.noise = CorrelatedNoise(noise_kernel, noise_scale) if noise_scale > 0 else None
         aug = Augmentation(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(augment or {}).items()})
-        common = dict(psf_fwhm=psf_fwhm, pixel_scale=pixel_scale, stamp_size=stamp_size,
+        common = dict(psf_fwhm=psf_fwhm, pixel_scale=pixel_scale, stamp_size=stamp_size + 2 * int(render_margin),
                       gsparams=gsparams, backend=backend, mag_bins=mag_bins, target_catalog=target_catalog)
         self.train_renderer = StampRenderer(source, self.noise, aug, population=train_population, **common)
         self.eval_renderer = StampRenderer(source, self.noise, aug.test_mode(), population=eval_population, **common)

@@ -59,6 +59,7 @@ from wlshear.models.normalize import normalize_stamps
 from wlshear.models.symmetry import symmetrize
 from wlshear.sim.metacal import SHEAR_NAMES, MetacalOperator, MetacalSettings
 from wlshear.utils.plain import to_plain as _plain
+from wlshear.utils.precision import full_precision
 
 __all__ = ["ShearEstimator", "load_estimator", "UncalibratedWarning", "FORMAT_NAME", "FORMAT_VERSION"]
 
@@ -182,22 +183,26 @@ class ShearEstimator:
         out = np.empty((x.shape[0], 2), dtype=np.float64)
         starts = range(0, x.shape[0], batch_size)
         gen = _generator(seed) if self.counterfactual_input else None
-        for s in tqdm(starts, desc="CNN shear", disable=not progress):
-            xb = x[s : s + batch_size].to(device=self.device, dtype=dtype).unsqueeze(1)
-            if self.counterfactual_input:
-                xb = self._noshear(xb, gen)
-            if self.normalize:
-                xb = normalize_stamps(xb)
-            g = _symmetrize(self.net, xb) if symmetrize else self.net(xb)
-            out[s : s + batch_size] = g.double().cpu().numpy()
+        with full_precision():
+            for s in tqdm(starts, desc="CNN shear", disable=not progress):
+                xb = x[s : s + batch_size].to(device=self.device, dtype=dtype).unsqueeze(1)
+                if self.counterfactual_input:
+                    xb = self._noshear(xb, gen)
+                if self.normalize:
+                    xb = normalize_stamps(xb)
+                g = _symmetrize(self.net, xb) if symmetrize else self.net(xb)
+                out[s : s + batch_size] = g.double().cpu().numpy()
         return out
 
     def _noshear(self, xb: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         op = self.metacal_operator
         finite = torch.isfinite(xb.reshape(len(xb), -1)).all(dim=1)
-        out = torch.full_like(xb, float("nan"))  # non-finite stamps stay non-finite (NaN rows)
+        # non-finite stamps stay non-finite (NaN rows); the output is the central stamp_size
+        n = int(op.settings.stamp_size)
+        out = torch.full((len(xb), 1, n, n), float("nan"), dtype=xb.dtype, device=xb.device)
         if finite.any():
-            noise = op.sample_noise(int(finite.sum()), "cpu", torch.float32, gen).to(xb) if op.adds_noise else None
+            noise = op.sample_noise(int(finite.sum()), "cpu", torch.float32, gen, size=int(xb.shape[-1])).to(xb) \
+                if op.adds_noise else None
             cf = op.counterfactuals(xb[finite], ("noshear",), noise=noise)
             out[finite] = cf.to(xb)
         return out
@@ -213,7 +218,12 @@ class ShearEstimator:
         progress: bool = False,
         noise_groups: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
-        """Metacalibration of raw observed stamps ``(N, 32, 32)`` [counts] (as :meth:`predict` takes).
+        """Metacalibration of raw observed stamps ``(N, S, S)`` [counts], ``S = 32 + 2 margin``.
+
+        The operator needs the light just outside each 32 x 32 stamp: give stamps with the margin of
+        ``metacal_operator.settings.margin`` (8 px: 48 x 48, what training used); 32 x 32 stamps
+        work too, but large galaxies then lose the light beyond the stamp edge (m1 ~ -0.02 for
+        hlr > 4 px, ``wlshear.sim.metacal``).
 
         Each stamp is mapped to five counterfactual images (no shear, and +-d on each component,
         with fixnoise; ``wlshear.sim.metacal``), the network (symmetry-averaged if ``symmetrize``)
@@ -242,8 +252,11 @@ class ShearEstimator:
             )
         x = _as_stamps(stamps)
         n_pix = op.settings.stamp_size
-        if tuple(x.shape[1:]) != (n_pix, n_pix):
-            raise ValueError(f"metacal needs stamps of shape (N, {n_pix}, {n_pix}), got {tuple(x.shape)}")
+        size = int(x.shape[-1])
+        if x.shape[-2] != size:
+            raise ValueError(f"metacal needs square stamps (N, {op.settings.input_size}, {op.settings.input_size}), "
+                             f"got {tuple(x.shape)}")
+        op.margin_of(size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         names = tuple(SHEAR_NAMES)  # noshear, 1p, 1m, 2p, 2m
@@ -252,9 +265,25 @@ class ShearEstimator:
         x32 = x.float()
         failed = ~torch.isfinite(x32.reshape(n, -1)).all(dim=1).numpy()
         gen = _generator(seed)
-        fields = _group_noise(op, noise_groups, n, gen)
-        dtype = next(self.net.parameters()).dtype
+        fields = _group_noise(op, noise_groups, n, gen, size)
         self.net.eval()
+        with full_precision():
+            raw = self._metacal_loop(x32, failed, raw, noise_groups, fields, gen, batch_size, symmetrize, progress)
+        d = op.settings.step
+        resp = np.empty((n, 2, 2))
+        resp[:, :, 0] = (raw[:, 1] - raw[:, 2]) / (2 * d)
+        resp[:, :, 1] = (raw[:, 3] - raw[:, 4]) / (2 * d)
+        out = {"g": raw[:, 0].copy(), "R": resp, "failed": failed}
+        if return_sheared:
+            out["g_sheared"] = raw[:, 1:].copy()
+        return out
+
+    def _metacal_loop(self, x32, failed, raw, noise_groups, fields, gen, batch_size, symmetrize, progress):
+        """The five network shears per stamp (``raw`` (N, 5, 2)), in batches (see :meth:`metacal`)."""
+        op = self.metacal_operator
+        names = tuple(SHEAR_NAMES)
+        n, n_pix, size = x32.shape[0], op.settings.stamp_size, int(x32.shape[-1])
+        dtype = next(self.net.parameters()).dtype
         for s in tqdm(range(0, n, batch_size), desc="metacal", disable=not progress):
             idx = np.arange(s, min(s + batch_size, n))
             idx = idx[~failed[idx]]
@@ -266,21 +295,14 @@ class ShearEstimator:
             elif fields is not None:
                 noise = fields[torch.as_tensor(np.asarray(noise_groups)[idx])]
             else:
-                noise = op.sample_noise(len(idx), "cpu", torch.float32, gen)
+                noise = op.sample_noise(len(idx), "cpu", torch.float32, gen, size=size)
             cf = op.counterfactuals(xb, names, noise=noise)  # (B, 5, n, n) float32
             flat = cf.reshape(-1, 1, n_pix, n_pix).to(device=self.device, dtype=dtype)
             if self.normalize:
                 flat = normalize_stamps(flat)
             g = _symmetrize(self.net, flat) if symmetrize else self.net(flat)
             raw[idx] = g.double().cpu().numpy().reshape(len(idx), len(names), 2)
-        d = op.settings.step
-        resp = np.empty((n, 2, 2))
-        resp[:, :, 0] = (raw[:, 1] - raw[:, 2]) / (2 * d)
-        resp[:, :, 1] = (raw[:, 3] - raw[:, 4]) / (2 * d)
-        out = {"g": raw[:, 0].copy(), "R": resp, "failed": failed}
-        if return_sheared:
-            out["g_sheared"] = raw[:, 1:].copy()
-        return out
+        return raw
 
     def calibrate(self, g_raw: np.ndarray) -> np.ndarray:
         """Apply ``(g_raw - c) / (1 + m)`` per component."""
@@ -313,7 +335,7 @@ class ShearEstimator:
                            apply_surface: bool = True) -> tuple[np.ndarray, ...]:
         """``(g (N, 2), failed (N,) bool)`` (plus ``reasons`` (N,) str with ``return_reasons``);
         failed rows -- unusable input (see :meth:`predict`) or non-finite output -- hold NaN."""
-        x = stamp_array(stamps, getattr(self.net, "stamp_size", None))
+        x = self._stamp_input(stamps)
         g = self.calibrate(self.predict_raw(x, symmetrize=symmetrize, batch_size=batch_size, progress=progress))
         if apply_surface and self.surface is not None:
             g = self.surface.apply_to_stamps(g, x)
@@ -327,6 +349,16 @@ class ShearEstimator:
         return (g, failed, reasons) if return_reasons else (g, failed)
 
     __call__ = predict
+
+    def _stamp_input(self, stamps) -> np.ndarray:
+        """Checked ``(N, H, W)`` array: the network's side, or (counterfactual-input estimators) the
+        side plus any margin the metacal operator takes (``MetacalSettings.margin``)."""
+        side = getattr(self.net, "stamp_size", None)
+        if not self.counterfactual_input or self.metacal_operator is None:
+            return stamp_array(stamps, side)
+        x = stamp_array(stamps, None)
+        self.metacal_operator.margin_of(int(x.shape[-1]))
+        return x
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:
@@ -393,14 +425,14 @@ def _as_stamps(stamps: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _group_noise(op, noise_groups, n: int, gen: torch.Generator) -> torch.Tensor | None:
-    """One fixnoise field per group (``noise_groups`` (N,) non-negative ints), or None."""
+def _group_noise(op, noise_groups, n: int, gen: torch.Generator, size: int | None = None) -> torch.Tensor | None:
+    """One fixnoise field ``(size, size)`` per group (``noise_groups`` (N,) non-negative ints), or None."""
     if noise_groups is None or not op.adds_noise:
         return None
     grp = np.asarray(noise_groups)
     if grp.shape != (n,) or not np.issubdtype(grp.dtype, np.integer) or (n and grp.min() < 0):
         raise ValueError(f"noise_groups must be ({n},) non-negative integers, got shape {grp.shape}, dtype {grp.dtype}")
-    return op.sample_noise(int(grp.max()) + 1 if n else 0, "cpu", torch.float32, gen)
+    return op.sample_noise(int(grp.max()) + 1 if n else 0, "cpu", torch.float32, gen, size=size)
 
 
 def _generator(seed: int | None) -> torch.Generator:

@@ -263,7 +263,7 @@ def _counterfactual_batches(loader, op, seed: int):
         def __iter__(self):
             for batch in loader:
                 x = torch.as_tensor(batch[0]).float()
-                noise = op.sample_noise(len(x), "cpu", torch.float32, gen) if op.adds_noise else None
+                noise = op.sample_noise(len(x), "cpu", torch.float32, gen, size=x.shape[-1]) if op.adds_noise else None
                 yield (op.counterfactuals(x, ("noshear",), noise=noise)[:, 0], *batch[1:])
 
     return _Batches()
@@ -296,7 +296,8 @@ def run(cfg: DictConfig) -> dict:
     ckpt_path = resolve_ckpt_path(cfg, out_dir)
     check_will_train(cfg, ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
-    torch.set_float32_matmul_precision("medium")
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")  # fast products for the gradient steps only
 
     log.info("building data <%s>", cfg.data._target_)
     dm = instantiate(cfg.data)
@@ -321,6 +322,9 @@ def run(cfg: DictConfig) -> dict:
     if cfg.get("train", True):
         trainer.fit(model=model, datamodule=dm, ckpt_path=ckpt_path)
         metrics["resumed_from"] = ckpt_path
+    # refit, calibration and evaluation measure: full float32 products (bf16 on AMX CPUs would
+    # add ~2e-3 relative errors; wlshear.utils.precision)
+    torch.set_float32_matmul_precision(precision)
     ckpt_cb = trainer.checkpoint_callback
     best = ckpt_cb.best_model_path if ckpt_cb is not None else ""
     if best:
@@ -344,8 +348,9 @@ def run(cfg: DictConfig) -> dict:
     dm.setup("validate")
     model.eval()
     val = dm.val_set
-    with torch.no_grad():
-        val_pred = ShearEstimator(model.net).predict(val.stamps, symmetrize=False)
+    mc = dict(metacal=metacal_op, counterfactual_input=metacal_op is not None)
+    with torch.no_grad():  # metacal runs: on the counterfactuals the network was validated on
+        val_pred = ShearEstimator(model.net, **mc).predict(val.stamps, symmetrize=False)
     usable = np.isfinite(val_pred).all(axis=1)  # flagged stamps (e.g. fully masked) are NaN rows
     if not usable.all():
         metrics["val_flagged"] = int((~usable).sum())
@@ -354,7 +359,6 @@ def run(cfg: DictConfig) -> dict:
     metrics["val_mse_prior"] = float(cfg.data.augment.shear_max**2 / 3)
     log.info("validation MSE %.5f (prior variance %.5f)", val_mse, metrics["val_mse_prior"])
     meta = {"config": hp, "val_mse": val_mse, "untrained": bool(untrained), "calibrated": False}
-    mc = dict(metacal=metacal_op, counterfactual_input=metacal_op is not None)
     ShearEstimator(model.net, metadata=meta, **mc).save(out_dir / "estimator.pt")
 
     estimator = ShearEstimator(model.net, metadata=meta, **mc)

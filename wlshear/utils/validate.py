@@ -237,6 +237,7 @@ DATA_RULES: dict[str, Rule] = {
     "eval_batch_size": Int(1),
     "num_workers": Int(0, 256),
     "chunk": Int(1),
+    "render_margin": Int(0, 64, "pixels rendered beyond each stamp edge (the metacal operator's input margin)"),
     "seed": Int(0),
     "group_size": Int(2, note="stamps per galaxy group"),
     "same_noise": Bool(),
@@ -313,6 +314,7 @@ METACAL_RULES: dict[str, Rule] = {
     "interpolant": Choice("sinc", "quintic"),
     "maxk_threshold": Float(0, 1, lo_open=True, hi_open=True),
     "oversample": Int(2),
+    "margin": Int(0, 64, "pixels: input stamps are stamp_size + 2 margin"),
 }
 
 
