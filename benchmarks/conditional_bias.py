@@ -177,7 +177,7 @@ def _predict_cached(est, est_path, s, tag, batch_size=256):
     """Symmetrised, surface-free predictions and observables of set ``s``, cached in outputs/condbias."""
     import hashlib
 
-    from wlshear.baselines.photometry import measure_observables
+    from wlshear.observables import measure_observables
 
     h = hashlib.sha1(f"{Path(est_path).resolve()}:{Path(est_path).stat().st_mtime}:{s.key}".encode()).hexdigest()[:10]
     path = REPO / "outputs" / "condbias" / f"target_pred_{tag}_{h}.npz"
@@ -436,7 +436,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     from _machine import machine_header
     from wlshear.baselines import KSBEstimator, WLENetEstimator
-    from wlshear.baselines.photometry import measure_observables
+    from wlshear.observables import measure_observables
     from wlshear.calibration import fit_surface
     from wlshear.metrics.conditional import conditional_rows, plot_conditional
     from wlshear.models.estimator import ShearEstimator, load_estimator

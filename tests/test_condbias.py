@@ -15,9 +15,10 @@ from wlshear.metrics.bias import fit_bias
 from wlshear.metrics.conditional import conditional_rows, pair_mean_observable
 from wlshear.models.architectures import PaperCNN
 from wlshear.models.estimator import ShearEstimator, load_estimator
+from wlshear.sim.constants import FAST_GSPARAMS
 from wlshear.models.objectives import ConditionalBiasLoss, MSEObjective, build_objective, group_slopes
 
-FAST_GSP = dict(minimum_fft_size=64, folding_threshold=1e-2, maxk_threshold=3e-3)
+FAST_GSP = FAST_GSPARAMS
 
 
 def _synthetic(n=20000, seed=0, noise=0.03):
@@ -91,7 +92,7 @@ def test_estimator_with_surface_roundtrip(tmp_path):
     est = ShearEstimator(PaperCNN(), calibration={"m1": 0.05, "c2": 0.001})
     plain = est.predict(stamps, symmetrize=False)
     # a surface with a strong magnitude dependence of m
-    from wlshear.baselines.photometry import measure_observables
+    from wlshear.observables import measure_observables
 
     obs = measure_observables(stamps)
     surf = CalibrationSurface(["mag"], basis="poly", degree=1, center=[float(np.nanmedian(obs["mag"]))],

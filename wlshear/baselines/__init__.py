@@ -22,7 +22,6 @@ import numpy as np
 from .fpfs import FPFSEstimator
 from .hsm import KSBEstimator, REGAUSSEstimator
 from .moments import MomentsEstimator
-from .photometry import half_light_radius, measure_observables
 from .wlenet import WLENetEstimator
 
 __all__ = [
@@ -34,8 +33,6 @@ __all__ = [
     "REGAUSSEstimator",
     "FPFSEstimator",
     "WLENetEstimator",
-    "half_light_radius",
-    "measure_observables",
 ]
 
 

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .photometry import as_stamp_batch
+from wlshear.observables import as_stamp_batch
+from wlshear.sim.constants import PIXEL_SCALE, PSF_FWHM
 
 __all__ = ["FPFSEstimator", "ANACAL_TESTED_VERSION"]
 
 ANACAL_TESTED_VERSION = "0.8.3"
-PIXEL_SCALE = 0.065
-PSF_FWHM = 0.121
 CLASH_NOISE_SIGMA = 3.60e-3  # counts per pixel (sqrt of the sum of squares of K_bg)
 
 

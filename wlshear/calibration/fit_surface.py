@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     b = ss.batch
     sym = not args.no_symmetrize
     g, failed = est.predict_with_flags(b.stamps, symmetrize=sym, apply_surface=False, batch_size=256)
-    from wlshear.baselines.photometry import measure_observables
+    from wlshear.observables import measure_observables
 
     obs = measure_observables(b.stamps)
     pid = b.meta["pair_id"]

@@ -7,7 +7,7 @@ models, per component k,
     g_est,k = (1 + m_k(o)) g_true,k + c_k(o)
 
 where ``o`` are observables *measured on the stamp* (never the truth) with
-:func:`wlshear.baselines.photometry.measure_observables`: aperture magnitude ``mag`` (CLASH
+:func:`wlshear.observables.measure_observables`: aperture magnitude ``mag`` (CLASH
 zero-point), half-light radius ``hlr_px`` [pixels] and ``snr``. ``m_k`` and ``c_k`` are linear
 combinations of basis functions of the features
 
@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from wlshear.observables import measure_observables
 from wlshear.utils.plain import to_plain
 
 __all__ = ["CalibrationSurface", "fit_surface", "pair_means", "FEATURES", "features_from_observables"]
@@ -201,8 +202,6 @@ class CalibrationSurface:
 
     def measure(self, stamps) -> dict:
         """Observables of ``stamps`` with the measurement settings the surface was fitted with."""
-        from wlshear.baselines.photometry import measure_observables
-
         return measure_observables(stamps, **self.observable_kwargs)
 
     def apply_to_stamps(self, g, stamps) -> np.ndarray:

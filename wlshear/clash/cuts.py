@@ -39,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import PIXEL_SCALE
+from wlshear.sim.constants import PIXEL_SCALE, PSF_FWHM
+
 from .stamps import STAMP_SIZE, stamp_inside, stamp_origin
 
 CUT_EDGE = 1
@@ -57,15 +58,12 @@ CUT_NAMES = {
     CUT_UNMATCHED: "unmatched",
 }
 
-PSF_FWHM_ARCSEC = 0.121
-
-
-def psf_half_light_radius(fwhm_arcsec: float = PSF_FWHM_ARCSEC, pixel_scale: float = PIXEL_SCALE) -> float:
+def psf_half_light_radius(fwhm_arcsec: float = PSF_FWHM, pixel_scale: float = PIXEL_SCALE) -> float:
     """Half-light radius in pixels of a circular Gaussian PSF: sigma * sqrt(2 ln 2) = FWHM / 2."""
     return 0.5 * fwhm_arcsec / pixel_scale
 
 
-def psf_mu_minus_mag(fwhm_arcsec: float = PSF_FWHM_ARCSEC, pixel_scale: float = PIXEL_SCALE) -> float:
+def psf_mu_minus_mag(fwhm_arcsec: float = PSF_FWHM, pixel_scale: float = PIXEL_SCALE) -> float:
     """Expected ``mu_max - mag`` of a Gaussian point source (peak pixel, averaged over sub-pixel
     centring), independent of the zero point: -2.5 log10(peak_fraction / pixel_scale**2)."""
     sigma = fwhm_arcsec / pixel_scale / (2 * math.sqrt(2 * math.log(2)))
@@ -96,7 +94,7 @@ def classify_stars(
     radius,
     *,
     pixel_scale: float = PIXEL_SCALE,
-    psf_fwhm_arcsec: float = PSF_FWHM_ARCSEC,
+    psf_fwhm_arcsec: float = PSF_FWHM,
     mag_faint: float | None = None,
     r_candidate_max: float | None = None,
     d_star: float | None = None,

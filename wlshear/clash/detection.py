@@ -32,7 +32,7 @@ from astropy import units as u
 from astropy.coordinates import SkyCoord
 from astropy.table import Table
 
-from .io import PIXEL_SCALE, ZEROPOINT
+from wlshear.sim.constants import PIXEL_SCALE, ZP_CLASH
 
 FLAG_KRON_FAILED = 512
 
@@ -42,7 +42,7 @@ def _native(a) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(a), dtype=np.float64)
 
 
-def flux_to_mag(flux, zeropoint: float = ZEROPOINT) -> np.ndarray:
+def flux_to_mag(flux, zeropoint: float = ZP_CLASH) -> np.ndarray:
     flux = np.asarray(flux, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(flux > 0, zeropoint - 2.5 * np.log10(np.where(flux > 0, flux, 1.0)), np.nan)
@@ -58,7 +58,7 @@ def detect_sources(
     minarea: int = 9,
     deblend_nthresh: int = 32,
     deblend_cont: float = 0.0015,
-    zeropoint: float = ZEROPOINT,
+    zeropoint: float = ZP_CLASH,
     pixel_scale: float = PIXEL_SCALE,
     bkg_box: int = 64,
     bkg_filter: int = 3,

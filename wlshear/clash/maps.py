@@ -29,7 +29,7 @@ import numpy as np
 from astropy.io import fits
 from scipy import ndimage
 
-from .io import PIXEL_SCALE
+from wlshear.sim.constants import PIXEL_SCALE
 
 DEFAULT_SCALES_ARCSEC = (6.5, 13.0, 19.5, 26.0)
 _BLOCK = 2048  # galaxies per block in the kernel sums

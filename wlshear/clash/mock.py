@@ -59,14 +59,13 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from .io import DEFAULT_FILTERS, PIXEL_SCALE, SCI_PATTERN, WHT_PATTERN, ZEROPOINT
+from wlshear.sim.constants import FAST_GSPARAMS, PIXEL_SCALE, ZP_CLASH
+
+from .io import DEFAULT_FILTERS, SCI_PATTERN, WHT_PATTERN
 from .lensing import nfw_reduced_shear
 from .stamps import extract_stamps, stamp_origin
 
 log = logging.getLogger(__name__)
-
-FAST_GSPARAMS = dict(minimum_fft_size=64, folding_threshold=1e-2, maxk_threshold=3e-3)
-
 
 @dataclass
 class MockConfig:
@@ -330,7 +329,7 @@ def make_mock_field(cfg: MockConfig, out_dir: str | Path) -> dict:
     sx0, sy0 = stamp_origin(sxy[:, 0], sxy[:, 1], cfg.stamp_size)
     stars = np.empty((n_star, cfg.stamp_size, cfg.stamp_size))
     for k in range(n_star):
-        flux = 10 ** (-0.4 * (star_mag[k] - ZEROPOINT))
+        flux = 10 ** (-0.4 * (star_mag[k] - ZP_CLASH))
         stars[k] = renderer.psf.withFlux(flux).drawImage(
             nx=cfg.stamp_size, ny=cfg.stamp_size, scale=ps,
             offset=(float(sxy[k, 0] - (sx0[k] + half)), float(sxy[k, 1] - (sy0[k] + half))),
@@ -354,7 +353,7 @@ def make_mock_field(cfg: MockConfig, out_dir: str | Path) -> dict:
     wcs = make_wcs(shape, cfg.ra0, cfg.dec0, ps)
     hdr = wcs.to_header()
     hdr["BUNIT"] = ("ELECTRONS/S", "counts per second (CLASH units)")
-    hdr["PHOTZPT"] = (ZEROPOINT, "AB zero point of 1 count/s")
+    hdr["PHOTZPT"] = (ZP_CLASH, "AB zero point of 1 count/s")
     hdr["MOCK"] = (True, "wlshear.clash.mock field")
     hdr["CLUSTER"] = cfg.cluster
     hdr["NFWM200"] = (cfg.m200, "Msun")

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from wlshear.data.datasets import CachedStampSet, EpochLoader, GroupedShearStream, ShearStream
 from wlshear.sim.augment import Augmentation
+from wlshear.sim.constants import PIXEL_SCALE, PSF_FWHM, STAMP_SIZE
 from wlshear.sim.noise import CorrelatedNoise
 from wlshear.sim.render import StampRenderer
 from wlshear.sim.sources import GalaxySource
@@ -57,9 +58,9 @@ class ShearDataModule(L.LightningDataModule):
         eval_population: str = "natural",
         mag_bins=None,
         target_catalog=None,
-        psf_fwhm: float = 0.121,
-        pixel_scale: float = 0.065,
-        stamp_size: int = 32,
+        psf_fwhm: float = PSF_FWHM,
+        pixel_scale: float = PIXEL_SCALE,
+        stamp_size: int = STAMP_SIZE,
         gsparams: dict | None = None,
         backend: str = "galsim",
         samples_per_epoch: int = 20000,

@@ -1,7 +1,7 @@
 """Conditional shear bias: m, c and sigma in bins of observables measured on the stamps.
 
 The observables (aperture magnitude ``mag``, half-light radius ``hlr_px`` [pixels], ``snr``) come
-from :func:`wlshear.baselines.photometry.measure_observables` on the very stamps the estimators
+from :func:`wlshear.observables.measure_observables` on the very stamps the estimators
 saw, never from the simulation truth, so the same binning can be applied to real data. With ring
 pairs each pair is placed in the bin of its members' *mean* observable, so both members always
 share a bin and m, c come from the pair-averaged fit (shape noise cancelled).

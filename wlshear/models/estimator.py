@@ -28,7 +28,7 @@ counterfactual (with fixnoise) to raw stamps itself.
 Optional conditional calibration: ``surface`` (a :class:`wlshear.calibration.CalibrationSurface`)
 corrects the globally calibrated shears per galaxy, ``(g - c(o)) / (1 + m(o))``, with the
 observables ``o`` (magnitude, half-light radius, S/N) measured on the stamps by
-``wlshear.baselines.photometry.measure_observables`` inside :meth:`ShearEstimator.predict`.
+``wlshear.observables.measure_observables`` inside :meth:`ShearEstimator.predict`.
 Files without the key (older files) load with no surface.
 
 :func:`load_estimator` also reads a Lightning checkpoint written while training a

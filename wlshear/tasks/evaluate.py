@@ -635,7 +635,7 @@ def run(cfg: DictConfig) -> dict:
 
     cdcfg = st.get("conditional") or {}
     if cdcfg.get("enabled", False):
-        from wlshear.baselines.photometry import measure_observables
+        from wlshear.observables import measure_observables
         from wlshear.metrics.conditional import conditional_rows, plot_conditional
 
         obs = measure_observables(stamps)
