@@ -267,7 +267,8 @@ def target_study(args, argv) -> int:
     from _machine import machine_header
     from condbias_sets import TORCH_SETS
     from wlshear.calibration import residual_chi2, select_surface
-    from wlshear.metrics.conditional import conditional_rows, plot_conditional
+    from wlshear.metrics.conditional import conditional_rows
+    from wlshear.metrics.plots import plot_conditional
     from wlshear.models.estimator import ShearEstimator, load_estimator
 
     t_start = time.time()
@@ -438,7 +439,8 @@ def main(argv=None) -> int:
     from wlshear.baselines import KSBEstimator, WLENetEstimator
     from wlshear.observables import measure_observables
     from wlshear.calibration import fit_surface
-    from wlshear.metrics.conditional import conditional_rows, plot_conditional
+    from wlshear.metrics.conditional import conditional_rows
+    from wlshear.metrics.plots import plot_conditional
     from wlshear.models.estimator import ShearEstimator, load_estimator
     from wlshear.models.objectives import ConditionalBiasLoss, MSEObjective
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import yaml
 
+from wlshear.metrics.plots.sweeps import plot_summary
+
 SUMMARY_KEYS = ("m1", "m2", "c1", "c2", "sigma1", "sigma2")
 COLUMNS = ("job", "status", "overrides", "model", "net", "experiment", "noise_scale", "source",
            "val_mse", *SUMMARY_KEYS, "m", "sigma", "epochs", "wall_time_s", "run_dir")
@@ -148,40 +150,6 @@ def summarize(root: Path, out: Path | None = None, group_by: str = "model", x: s
     if plot:
         paths["png"] = plot_summary(rows, out.with_suffix(".png"), group_by=group_by, x=x)
     return paths
-
-
-def plot_summary(rows: list[dict], path: Path, group_by: str = "model", x: str = "noise_scale") -> Path:
-    """sigma and m (component averages) vs ``x`` with one line per ``group_by`` value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in rows if r["status"] == "ok" and r.get(x) is not None and r.get("sigma") is not None]
-    fig, (ax_s, ax_m) = plt.subplots(1, 2, figsize=(9, 3.6))
-    groups: dict[str, list[dict]] = {}
-    for r in ok:
-        groups.setdefault(str(r.get(group_by)), []).append(r)
-    for name, rs in sorted(groups.items()):
-        rs = sorted(rs, key=lambda r: float(r[x]))
-        xs = [float(r[x]) for r in rs]
-        ax_s.plot(xs, [r["sigma"] for r in rs], "o-", label=name)
-        ax_m.plot(xs, [r["m"] for r in rs], "o-", label=name)
-    ax_s.set_xlabel(f"{x} (x CLASH noise)" if x == "noise_scale" else x)
-    ax_m.set_xlabel(f"{x} (x CLASH noise)" if x == "noise_scale" else x)
-    ax_s.set_ylabel(r"$\sigma$ (calibrated, per galaxy)")
-    ax_m.set_ylabel(r"$m = (m_1 + m_2) / 2$")
-    ax_m.axhline(0.0, color="0.6", lw=0.8)
-    for ax in (ax_s, ax_m):
-        ax.grid(alpha=0.3)
-    if groups:
-        ax_s.legend(title=group_by, fontsize=8)
-    else:
-        ax_s.text(0.5, 0.5, "no complete jobs", ha="center", va="center", transform=ax_s.transAxes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
 
 
 def main(argv=None) -> int:

@@ -35,7 +35,6 @@ explicitly (``d_star``, ``d_tol``, ``r_star_max``).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 
@@ -267,32 +266,3 @@ def _names(det):
 def describe_flags(flags) -> list[str]:
     """Human-readable names of the bits set in each flag value."""
     return [",".join(name for bit, name in CUT_NAMES.items() if int(f) & bit) or "ok" for f in np.asarray(flags)]
-
-
-def plot_star_galaxy(det, is_star, path: str | Path, star_params: dict | None = None, title: str = "") -> Path:
-    """Save a PNG of the (mag, mu_max) and (mag, flux_radius) planes, stars red, galaxies blue."""
-    from matplotlib.figure import Figure
-
-    mag = np.asarray(det["mag"], dtype=np.float64)
-    mu = np.asarray(det["mu_max"], dtype=np.float64)
-    r = np.asarray(det["flux_radius"], dtype=np.float64)
-    s = np.asarray(is_star, dtype=bool)
-    fig = Figure(figsize=(11, 4.5))
-    axes = fig.subplots(1, 2)
-    for ax, yv, ylab in ((axes[0], mu, r"$\mu_{\max}$ [mag arcsec$^{-2}$]"), (axes[1], r, "half-light radius [px]")):
-        ax.scatter(mag[~s], yv[~s], s=3, c="tab:blue", alpha=0.5, label=f"galaxies ({(~s).sum()})")
-        ax.scatter(mag[s], yv[s], s=6, c="tab:red", label=f"stars ({s.sum()})")
-        ax.set_xlabel("magnitude")
-        ax.set_ylabel(ylab)
-        ax.legend(loc="best", fontsize=8)
-    if star_params is not None and np.isfinite(star_params.get("d_star", np.nan)):
-        mm = np.linspace(np.nanmin(mag), np.nanmax(mag), 2) if np.isfinite(mag).any() else np.array([20, 28])
-        for sgn in (-1, 0, 1):
-            axes[0].plot(mm, mm + star_params["d_star"] + sgn * star_params["d_tol"], "k-" if sgn == 0 else "k:", lw=0.8)
-        axes[1].axhline(star_params["r_star_max"], color="k", ls=":", lw=0.8)
-    axes[1].set_yscale("log")
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    return path

@@ -57,6 +57,7 @@ from wlshear.metrics.bias import (  # noqa: F401 - bias_summary, pair_bootstrap_
     average_pairs, bias_summary, pair_bootstrap_sigma, valid_rows,
 )
 from wlshear.metrics.binned import bin_edges, binned_bias, to_csv
+from wlshear.metrics.plots import plot_shear_bins, plot_study
 from wlshear.utils.hydra import print_config_tree, save_resolved_config, write_json
 from wlshear.utils.validate import EVALUATE_RULES, validate_config
 
@@ -330,79 +331,6 @@ def summary_table(results: dict, skipped: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot_study(rows: list[dict], x_key: str, path: Path, xlabel: str,
-                stats=("sigma", "sigma_fixed", "m")) -> Path:
-    """Per-estimator curves of ``stats`` vs ``x_key`` (component 1 solid, 2 dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def key(stat, k, suffix=""):  # "sigma_fixed", 1 -> "sigma1_fixed"
-        base, _, rest = stat.partition("_")
-        return f"{base}{k}" + (f"_{rest}" if rest else "") + suffix
-
-    stats = [s for s in stats if any(np.isfinite(r.get(key(s, 1), np.nan)) for r in rows)]
-    fig, axes = plt.subplots(1, len(stats), figsize=(4.6 * len(stats), 3.9), squeeze=False)
-    names = list(dict.fromkeys(r["estimator"] for r in rows))
-    for ax, stat in zip(axes[0], stats):
-        for j, name in enumerate(names):
-            rr = [r for r in rows if r["estimator"] == name]
-            x = np.array([r[x_key] for r in rr], dtype=float)
-            for k, ls in ((1, "-"), (2, "--")):
-                y = np.array([r.get(key(stat, k), np.nan) for r in rr], dtype=float)
-                e = np.array([r.get(key(stat, k, "_err"), np.nan) for r in rr], dtype=float)
-                ax.errorbar(x, y, yerr=np.where(np.isfinite(e), e, 0), color=f"C{j % 10}", ls=ls,
-                            marker="o", ms=3, capsize=2, label=f"{name} {k}")
-        if stat == "m":
-            ax.axhline(0, color="k", lw=0.8)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel({"sigma": "sigma (recalibrated)", "sigma_fixed": "sigma (test-set calibration)"}.get(stat, stat))
-        ax.legend(fontsize=6, ncol=2)
-    return _save_fig(fig, path)
-
-
-def _plot_shear_bins(rows: list[dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), squeeze=False)
-    names = list(dict.fromkeys(r["estimator"] for r in rows))
-    for ax, stat in zip(axes[0], ("m", "delta", "sigma")):
-        for j, name in enumerate(names):
-            for k, ls in ((1, "-"), (2, "--")):
-                rr = [r for r in rows if r["estimator"] == name and r["component"] == k]
-                x = np.array([r["g_mean"] for r in rr], dtype=float)
-                y = np.array([r[stat] for r in rr], dtype=float)
-                e = np.array([r[f"{stat}_err"] for r in rr], dtype=float)
-                ax.errorbar(x, y, yerr=np.where(np.isfinite(e), e, 0), color=f"C{j % 10}", ls=ls,
-                            marker="o", ms=3, capsize=2, label=f"{name} g{k}")
-        if stat == "m":
-            ax.axhline(0, color="k", lw=0.8)
-            finite = [r["m"] for r in rows if np.isfinite(r["m"])]
-            if finite and np.max(np.abs(finite)) > 1:
-                ax.set_ylim(-1, 1)
-        ax.set_xlabel("true shear (component of the row)")
-        if stat == "delta":
-            ax.axhline(0, color="k", lw=0.8)
-        ax.set_ylabel({"m": "m (global c; from pair means)",
-                       "delta": "mean calibrated residual <g_cal - g>",
-                       "sigma": "sigma (global calibration)"}[stat])
-        ax.legend(fontsize=6, ncol=2)
-    return _save_fig(fig, path)
-
-
-def _save_fig(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
 # ---------------------------------------------------------------------------------------------
 # study sets
 
@@ -627,7 +555,7 @@ def run(cfg: DictConfig) -> dict:
                 br.update(_fixed_sigma(g_true[sel], r.g[sel], r.failed[sel], cal_of(name)))
             rows += brs
         to_csv(rows, out_dir / "magnitude_bins.csv")
-        _plot_study(rows, f"{key}_mean", out_dir / "magnitude_bins.png", xlabel=f"{key} (bin mean)",
+        plot_study(rows, f"{key}_mean", out_dir / "magnitude_bins.png", xlabel=f"{key} (bin mean)",
                     stats=("sigma", "sigma_fixed", "m"))
         studies["magnitude_bins"] = {"csv": "magnitude_bins.csv", "png": "magnitude_bins.png",
                                      "edges": edges.tolist(), "key": key, "rows": rows}
@@ -636,7 +564,8 @@ def run(cfg: DictConfig) -> dict:
     cdcfg = st.get("conditional") or {}
     if cdcfg.get("enabled", False):
         from wlshear.observables import measure_observables
-        from wlshear.metrics.conditional import conditional_rows, plot_conditional
+        from wlshear.metrics.conditional import conditional_rows
+        from wlshear.metrics.plots import plot_conditional
 
         obs = measure_observables(stamps)
         cbins = cdcfg.get("bins") or {"mag": 5, "hlr_px": 3, "snr": 3}
@@ -658,7 +587,7 @@ def run(cfg: DictConfig) -> dict:
         for name, r in sres.items():
             rows += shear_bin_rows(g_true, r.g, r.failed, pair_ids, cal_of(name), edges, name)
         to_csv(rows, out_dir / "shear_bins.csv")
-        _plot_shear_bins(rows, out_dir / "shear_bins.png")
+        plot_shear_bins(rows, out_dir / "shear_bins.png")
         studies["shear_bins"] = {"csv": "shear_bins.csv", "png": "shear_bins.png", "edges": edges.tolist(), "rows": rows}
 
     ccfg = st.get("centroid") or {}
@@ -674,7 +603,7 @@ def run(cfg: DictConfig) -> dict:
             rows += _study_rows(b.shear.astype(np.float64), r_s, b.meta["pair_id"] if tcfg.ring else None, cal_of,
                                 {"shift_hlr": shift, "n_render_failed": len(b.failures)})
         to_csv(rows, out_dir / "centroid_shift.csv")
-        _plot_study(rows, "shift_hlr", out_dir / "centroid_shift.png", "centroid shift [half-light radii]")
+        plot_study(rows, "shift_hlr", out_dir / "centroid_shift.png", "centroid shift [half-light radii]")
         studies["centroid_shift"] = {"csv": "centroid_shift.csv", "png": "centroid_shift.png", "rows": rows}
 
     bcfg = st.get("background") or {}
@@ -696,7 +625,7 @@ def run(cfg: DictConfig) -> dict:
             rows += _study_rows(g_true[:nb], r_b, pair_ids[:nb] if pair_ids is not None else None, cal_of,
                                 {"offset_sigma": off, "offset_counts": off * unit})
         to_csv(rows, out_dir / "background_offset.csv")
-        _plot_study(rows, "offset_sigma", out_dir / "background_offset.png", "constant background [noise sigma]")
+        plot_study(rows, "offset_sigma", out_dir / "background_offset.png", "constant background [noise sigma]")
         studies["background_offset"] = {"csv": "background_offset.csv", "png": "background_offset.png",
                                         "noise_sigma_counts": unit, "rows": rows}
 
@@ -740,7 +669,7 @@ def run(cfg: DictConfig) -> dict:
                                      else str(ckpt_paths[base]) if base in ckpt_paths else "")
             rows += lrows
         to_csv(rows, out_dir / "noise_levels.csv")
-        _plot_study(rows, "noise_scale", out_dir / "noise_levels.png", "noise level [x K_bg]")
+        plot_study(rows, "noise_scale", out_dir / "noise_levels.png", "noise level [x K_bg]")
         studies["noise_levels"] = {"csv": "noise_levels.csv", "png": "noise_levels.png", "rows": rows,
                                    "per_level_models": {str(k): str(v) for k, v in noise_ckpts.items()}}
 

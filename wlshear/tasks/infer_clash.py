@@ -54,11 +54,11 @@ from wlshear.clash.maps import (
     bootstrap_indices,
     bootstrap_maps,
     make_grid,
-    plot_whiskers,
     shear_map,
     write_map_fits,
 )
 from wlshear.clash.stamps import extract_stamps
+from wlshear.metrics.plots import plot_profile, plot_star_galaxy, plot_whiskers
 from wlshear.utils.hydra import print_config_tree, save_resolved_config, write_json
 from wlshear.utils.plain import to_plain
 from wlshear.utils.validate import INFER_CLASH_RULES, validate_config
@@ -156,32 +156,6 @@ def _baseline_from_catalogue(c: dict, det, radius: float):
     return matched, idx, g, info
 
 
-def _profile_png(path, prof_cnn, prof_base, model, title):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.5, 4.5))
-    ax = fig.subplots()
-    for prof, lab, col, off in ((prof_cnn, "CNN", "tab:blue", 0.98), (prof_base, "baseline", "tab:orange", 1.02)):
-        if prof is None:
-            continue
-        ok = np.isfinite(np.asarray(prof["gt"]))
-        r = np.asarray(prof["r_mean"])[ok] * off
-        ax.errorbar(r, np.asarray(prof["gt"])[ok], np.asarray(prof["gt_err"])[ok], fmt="o", color=col,
-                    label=f"{lab} $g_t$", ms=4, capsize=2)
-        ax.errorbar(r, np.asarray(prof["gx"])[ok], np.asarray(prof["gx_err"])[ok], fmt="x", color=col,
-                    alpha=0.5, label=f"{lab} $g_\\times$", ms=4)
-    if model is not None:
-        ax.plot(model[0], model[1], "k-", label="NFW input $g_t$")
-    ax.axhline(0, color="grey", lw=0.7)
-    ax.set_xscale("log")
-    ax.set_xlabel("radius [arcsec]")
-    ax.set_ylabel("reduced shear")
-    ax.legend(fontsize=8)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def nfw_gt_model(r_arcsec, truth: dict) -> np.ndarray:
     """Reduced tangential shear g_t = gamma_t / (1 - kappa) of the truth NFW at radii [arcsec]."""
     kappa, gamma = nfw_kappa_gamma(np.asarray(r_arcsec, dtype=np.float64), truth["m200"], truth["conc"],
@@ -240,7 +214,7 @@ def process_cluster(c: dict, cfg, estimator, out_root: Path, rng: np.random.Gene
     summary["cuts"] = cut_summary
     is_star = (flags & cutsmod.CUT_STAR) != 0
     if ccfg.get("star_plot", True):
-        cutsmod.plot_star_galaxy(det, is_star, out / f"{name}_star_galaxy.png", cut_summary["star_params"],
+        plot_star_galaxy(det, is_star, out / f"{name}_star_galaxy.png", cut_summary["star_params"],
                                  title=f"{name}: star/galaxy separation")
 
     # 4. stamps + CNN on the selected sources
@@ -422,7 +396,7 @@ def process_cluster(c: dict, cfg, estimator, out_root: Path, rng: np.random.Gene
     if prof_b is not None:
         pb = table.copy()
         pb["gt"], pb["gt_err"], pb["gx"], pb["gx_err"] = table["gt_base"], table["gt_err_base"], table["gx_base"], table["gx_err_base"]
-    _profile_png(prof_png, pc, pb, model, f"{name}: tangential shear around ({xc:.0f}, {yc:.0f}) px")
+    plot_profile(prof_png, pc, pb, model, f"{name}: tangential shear around ({xc:.0f}, {yc:.0f}) px")
     files.update({"profile_csv": str(prof_csv), "profile_png": str(prof_png)})
     summary["center_px"] = [xc, yc]
     summary["truth"] = truth

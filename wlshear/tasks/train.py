@@ -31,7 +31,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from wlshear.metrics.bias import bias_summary, fit_bias
-from wlshear.metrics.plots import plot_shear_scatter
+from wlshear.metrics.plots import plot_shear_scatter, plot_stamp_grid, read_png
 from wlshear.models.estimator import ShearEstimator
 from wlshear.models.refit import refit_head, refit_sample_size
 from wlshear.utils.hydra import instantiate_group, print_config_tree, save_resolved_config, write_json
@@ -192,9 +192,7 @@ def log_images(loggers: list, images: dict[str, Path], step: int) -> None:
                 if isinstance(lg, WandbLogger):
                     lg.log_image(key=key, images=[str(path)], step=step)
                 elif isinstance(lg, TensorBoardLogger):
-                    import matplotlib.image as mpimg
-
-                    img = mpimg.imread(str(path))[..., :3]
+                    img = read_png(path)
                     lg.experiment.add_image(key, img, global_step=step, dataformats="HWC")
                     lg.experiment.flush()
             except Exception as exc:  # never lose a finished run over an image upload
@@ -204,8 +202,6 @@ def log_images(loggers: list, images: dict[str, Path], step: int) -> None:
 def _stamp_grids(dm, out_dir: Path, n: int = 16) -> dict[str, Path]:
     """PNG grids of the first training (augmented) and validation stamps with their shears."""
     from itertools import islice
-
-    from wlshear.metrics.plots import plot_stamp_grid
 
     out = {}
     try:
