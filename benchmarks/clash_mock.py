@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     from _machine import append_results, machine_header
     from wlshear.clash.lensing import shear_profile
     from wlshear.clash.mock import MockConfig, make_mock_field
-    from wlshear.tasks.infer_clash import nfw_gt_model
+    from wlshear.clash.lensing import nfw_gt_model
 
     t0 = time.time()
     work = Path(args.work)

@@ -10,7 +10,8 @@ from astropy.io import fits
 from astropy.table import Table
 
 from wlshear.clash.io import DEFAULT_FILTERS, SCI_PATTERN, WHT_PATTERN, celestial_wcs, load_field, read_catalogue
-from wlshear.clash.mock import MockConfig, add_stamps, make_mock_field, main, nfw_magnification, sample_positions
+from wlshear.clash.lensing import nfw_magnification
+from wlshear.clash.mock import MockConfig, add_stamps, make_mock_field, main, sample_positions
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ from astropy.wcs import WCS
 from wlshear.sim.constants import FAST_GSPARAMS, PIXEL_SCALE, ZP_CLASH
 
 from .io import DEFAULT_FILTERS, SCI_PATTERN, WHT_PATTERN
-from .lensing import nfw_reduced_shear
+from .lensing import nfw_magnification, nfw_reduced_shear
 from .stamps import extract_stamps, stamp_origin
 
 log = logging.getLogger(__name__)
@@ -155,12 +155,6 @@ def _rect_slices(rect, shape) -> tuple[slice, slice] | None:
     xa, xb = max(0, xa), min(nx, max(xb, xa + 1))
     ya, yb = max(0, ya), min(ny, max(yb, ya + 1))
     return slice(ya, yb), slice(xa, xb)
-
-
-def nfw_magnification(g1, g2, kappa) -> np.ndarray:
-    """mu = 1 / ((1 - kappa)^2 - |gamma|^2) with gamma = g (1 - kappa)."""
-    g2abs = np.asarray(g1) ** 2 + np.asarray(g2) ** 2
-    return 1.0 / ((1.0 - np.asarray(kappa)) ** 2 * (1.0 - g2abs))
 
 
 def sample_positions(rng, n: int, shape, min_sep: float, accept=None, max_tries: int = 50) -> np.ndarray:

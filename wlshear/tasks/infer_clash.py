@@ -48,7 +48,7 @@ from wlshear.clash import cuts as cutsmod
 from wlshear.clash.detection import detect_sources, match_catalogue
 from wlshear.clash.errors import holdout_sigma_source, relative_calibration, subsample_positions
 from wlshear.clash.io import load_field, read_catalogue
-from wlshear.clash.lensing import nfw_kappa_gamma, shear_profile
+from wlshear.clash.lensing import nfw_gt_model, shear_profile
 from wlshear.clash.maps import (
     bootstrap_at,
     bootstrap_indices,
@@ -154,13 +154,6 @@ def _baseline_from_catalogue(c: dict, det, radius: float):
     else:
         info["baseline_note"] = f"catalogue has no G1/G2 columns ({cat.colnames}); no baseline comparison"
     return matched, idx, g, info
-
-
-def nfw_gt_model(r_arcsec, truth: dict) -> np.ndarray:
-    """Reduced tangential shear g_t = gamma_t / (1 - kappa) of the truth NFW at radii [arcsec]."""
-    kappa, gamma = nfw_kappa_gamma(np.asarray(r_arcsec, dtype=np.float64), truth["m200"], truth["conc"],
-                                   truth["z_lens"], truth["z_source"])
-    return gamma / (1.0 - kappa)
 
 
 def process_cluster(c: dict, cfg, estimator, out_root: Path, rng: np.random.Generator) -> dict:
