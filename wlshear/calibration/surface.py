@@ -243,7 +243,7 @@ class CalibrationSurface:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no calibration surface at {path}; fit one with "
-                                    "`python -m wlshear.calibration.fit_surface`")
+                                    "`python -m wlshear.tasks.fit_surface`")
         return cls.from_dict(json.loads(path.read_text()))
 
     def __repr__(self) -> str:

@@ -289,7 +289,7 @@ def load_field(
 def write_field(field_: Field, image_path: str | Path, ivar_path: str | Path | None = None) -> None:
     """Write the total image (and optionally its inverse variance) as FITS with the field WCS.
 
-    Useful input for ``python -m wlshear.clash.noise_kernel --image ... --weight ...``.
+    Useful input for ``python -m wlshear.tasks.noise_kernel image=... weight=...``.
     """
     hdr = field_.wcs.to_header()
     hdr["CLUSTER"] = field_.cluster

@@ -8,13 +8,14 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from wlshear.data.datasets import CachedStampSet, EpochLoader, GroupedShearStream, ShearStream
+from wlshear.data.rules import DATA_RULES
 from wlshear.sim.augment import Augmentation
 from wlshear.sim.constants import PIXEL_SCALE, PSF_FWHM, STAMP_SIZE
 from wlshear.sim.noise import CorrelatedNoise
 from wlshear.sim.render import StampRenderer
 from wlshear.sim.sources import GalaxySource
 from wlshear.utils.plain import to_plain
-from wlshear.utils.validate import DATA_RULES, validate_values
+from wlshear.utils.validate import validate_values
 
 log = logging.getLogger(__name__)
 

@@ -59,7 +59,8 @@ from wlshear.metrics.bias import (  # noqa: F401 - bias_summary, pair_bootstrap_
 from wlshear.metrics.binned import bin_edges, binned_bias, to_csv
 from wlshear.metrics.plots import plot_shear_bins, plot_study
 from wlshear.utils.hydra import print_config_tree, save_resolved_config, write_json
-from wlshear.utils.validate import EVALUATE_RULES, validate_config
+from wlshear.tasks.rules import RELATIONS, EVALUATE_RULES
+from wlshear.utils.validate import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -437,7 +438,7 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # check the inputs before any (slow) rendering
-    validate_config(cfg, EVALUATE_RULES, "evaluate config")
+    validate_config(cfg, EVALUATE_RULES, "evaluate config", RELATIONS)
     ckpt_paths = resolve_checkpoints(cfg.get("checkpoints"), cfg.get("run_dir"))
     st = cfg.get("studies") or {}
     noise_ckpts = {float(k): Path(str(v)).expanduser()

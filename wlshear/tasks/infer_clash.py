@@ -61,7 +61,8 @@ from wlshear.clash.stamps import extract_stamps
 from wlshear.metrics.plots import plot_profile, plot_star_galaxy, plot_whiskers
 from wlshear.utils.hydra import print_config_tree, save_resolved_config, write_json
 from wlshear.utils.plain import to_plain
-from wlshear.utils.validate import INFER_CLASH_RULES, validate_config
+from wlshear.tasks.rules import RELATIONS, INFER_CLASH_RULES
+from wlshear.utils.validate import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -487,7 +488,7 @@ def run(cfg: DictConfig) -> dict:
     from wlshear.models.estimator import load_estimator
 
     t0 = time.time()
-    validate_config(cfg, INFER_CLASH_RULES, "infer_clash config")
+    validate_config(cfg, INFER_CLASH_RULES, "infer_clash config", RELATIONS)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_resolved_config(cfg, out_dir)

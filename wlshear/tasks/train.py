@@ -35,7 +35,8 @@ from wlshear.metrics.plots import plot_shear_scatter, plot_stamp_grid, read_png
 from wlshear.models.estimator import ShearEstimator
 from wlshear.models.refit import refit_head, refit_sample_size
 from wlshear.utils.hydra import instantiate_group, print_config_tree, save_resolved_config, write_json
-from wlshear.utils.validate import TRAIN_RULES, validate_config
+from wlshear.tasks.rules import RELATIONS, TRAIN_RULES
+from wlshear.utils.validate import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def _launch_rank() -> int:
 
 def check_required(cfg: DictConfig) -> None:
     """Stop early, naming the keys, when mandatory values (``???``) are unset, a value has the
-    wrong type or range (``wlshear.utils.validate.TRAIN_RULES``) or a 'matched' population has no
+    wrong type or range (``wlshear.tasks.rules.TRAIN_RULES``) or a 'matched' population has no
     ``data.target_catalog``."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -62,7 +63,7 @@ def check_required(cfg: DictConfig) -> None:
             + ". Pass them on the command line, e.g. `python train.py experiment=paper_clash "
             "data.target_catalog=/path/to/clash_mag_hlr.csv` (the CLASH (mag, hlr_px) table)."
         )
-    validate_config(cfg, TRAIN_RULES, "train config")
+    validate_config(cfg, TRAIN_RULES, "train config", RELATIONS)
     data = cfg.get("data") or {}
     matched = [k for k in ("train_population", "eval_population") if data.get(k) == "matched"]
     if matched and not data.get("target_catalog"):
