@@ -25,7 +25,8 @@ from wlshear.models.estimator import ShearEstimator
 from wlshear.sim.augment import Augmentation
 from wlshear.sim.metacal import MetacalOperator, MetacalSettings, counterfactual_matrix, shear_matrix
 from wlshear.sim.noise import CorrelatedNoise
-from wlshear.sim.render import StampRenderer, build_source
+from wlshear.sim.render import StampRenderer
+from wlshear.sim.sources import ParametricSource
 
 from conftest import FAST_GSPARAMS
 
@@ -123,7 +124,7 @@ def test_matrix_properties():
 
 @pytest.fixture(scope="module")
 def noiseless_pairs():
-    src = build_source("parametric", gsparams=FAST_GSPARAMS)
+    src = ParametricSource(gsparams=FAST_GSPARAMS)
     r = StampRenderer(src, None, Augmentation().test_mode(), backend="torch", gsparams=FAST_GSPARAMS)
     batch, design = r.render_shear_pairs(np.arange(60), 1, 0.02, seed=3)
     return batch, design
@@ -243,7 +244,7 @@ def test_ensemble_and_selection_responses():
 
 
 def test_pair_bias_recovers_known_m_and_c():
-    src = build_source("parametric", gsparams=FAST_GSPARAMS)
+    src = ParametricSource(gsparams=FAST_GSPARAMS)
     from wlshear.sim.augment import shear_pair_params
 
     params, groups, design = shear_pair_params(np.arange(50), 4, 0.02, np.random.default_rng(0))
