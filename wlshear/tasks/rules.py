@@ -170,6 +170,8 @@ RENDER_RULES: dict[str, Rule] = {
     "test_mode": Bool(note="rotation and mirror only"),
     "population": Choice(*POPULATIONS),
     **prefixed("data", DATA_RULES),
+    "data.noise_kernel": File(".npy", ".txt", must_exist=True, nullable=True, note="null = the embedded CLASH kernel"),
+    "data.target_catalog": File(must_exist=True, nullable=True, note="the (mag, hlr_px) table of population=matched"),
 }
 
 #: ``python -m wlshear.tasks.mock_field`` (conf/mock_field.yaml)
