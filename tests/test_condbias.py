@@ -215,7 +215,7 @@ def test_evaluate_conditional_study(tmp_path):
     over = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'out'}",
             f"paths.cache_dir={tmp_path / 'cache'}", "extras.print_config=false",
             "data.source.n_galaxies=100", "data.source.p_knots=0.0", "test.n=48", "bootstrap=0",
-            f"run_dir={est_path.parent}", "baselines.names=[moments]", "studies.baselines=[moments]",
+            f"run_dir={est_path.parent}", "baselines=[moments]", "studies.baselines=[moments]",
             "symmetrize=[true]", "plots.scatter=false",
             "studies.centroid.enabled=false", "studies.background.enabled=false", "studies.noise.enabled=false",
             "studies.shear.enabled=false", "studies.magnitude.enabled=false",

@@ -12,7 +12,9 @@ from hydra import compose, initialize_config_dir
 
 from wlshear.models.architectures import PaperCNN, net_spec
 from wlshear.models.estimator import ShearEstimator
-from wlshear.tasks.evaluate import bias_summary, pair_bootstrap_sigma, resolve_checkpoints, run
+from wlshear.metrics.bias import bias_summary, pair_bootstrap_sigma
+from wlshear.tasks.estimators import resolve_checkpoints
+from wlshear.tasks.evaluate import run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +103,7 @@ def test_missing_checkpoint_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere/estimator_refit.pt"):
         run(cfg)
     # baselines only (no CNN) is allowed, but a single single-model noise study says so
-    cfg = _cfg(tmp_path, ["baselines.names=[moments]", "studies.baselines=[moments]",
+    cfg = _cfg(tmp_path, ["baselines=[moments]", "studies.baselines=[moments]",
                           "studies.centroid.enabled=false", "studies.background.enabled=false"])
     res = run(cfg)
     assert list(res["estimators"]) == ["moments"]

@@ -295,7 +295,7 @@ def test_evaluate_metacal_study(tmp_path, cosmos_real_dir):
         cfg = compose("evaluate.yaml", overrides=[
             f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}",
             "extras.print_config=false", "data.source.n_galaxies=200", "data.source.p_knots=0.0", "test.n=32",
-            "bootstrap=10", f"run_dir={est.parent}", "baselines.names=[moments,ksb]", "studies.baselines=[moments]",
+            "bootstrap=10", f"run_dir={est.parent}", "baselines=[moments,ksb]", "studies.baselines=[moments]",
             *off, f"studies.metacal.real.dir={cosmos_real_dir}", "studies.metacal.real.n_orient=1"])
     run(cfg)
     out = tmp_path / "out"

@@ -82,6 +82,11 @@ class FPFSEstimator:
         self.pixel_scale = float(pixel_scale)
         self._setup: dict[int, tuple] = {}
 
+    @property
+    def whole_batch(self) -> bool:
+        """The 'ensemble' response is measured on the whole batch: callers must not split it."""
+        return self.response == "ensemble"
+
     def _prepare(self, npix: int):
         if npix in self._setup:
             return self._setup[npix]

@@ -16,10 +16,9 @@ and are counted in ``n_unmeasured``.
 
 from __future__ import annotations
 
-import math
 import numpy as np
 
-from wlshear.metrics.bias import bias_summary, valid_rows
+from wlshear.metrics.bias import bias_summary, fixed_sigma
 from wlshear.metrics.binned import bin_edges, bin_index
 
 __all__ = ["pair_mean_observable", "conditional_rows", "DEFAULT_BINS"]
@@ -45,15 +44,7 @@ def _one_bin(g_true, g_est, failed, pair_ids, cal) -> dict:
     d = bias_summary(g_true, g_est, failed, pair_ids)
     out = {k: d[k] for k in ("m1", "m1_err", "m2", "m2_err", "c1", "c1_err", "c2", "c2_err",
                              "sigma1", "sigma1_err", "sigma2", "sigma2_err", "n_failed", "n_pairs")}
-    ok = valid_rows(g_true, g_est, failed)
-    n = int(ok.sum())
-    for k in (1, 2):
-        if cal is None or n == 0:
-            out[f"sigma{k}_fixed"] = out[f"sigma{k}_fixed_err"] = float("nan")
-            continue
-        r = (g_est[ok, k - 1] - cal[f"c{k}"]) / (1 + cal[f"m{k}"]) - g_true[ok, k - 1]
-        s = float(np.sqrt(np.mean(r ** 2)))
-        out[f"sigma{k}_fixed"], out[f"sigma{k}_fixed_err"] = s, s / math.sqrt(2 * max(n - 1, 1))
+    out.update(fixed_sigma(g_true, g_est, failed, cal))
     return out
 
 

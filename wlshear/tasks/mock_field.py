@@ -17,7 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 from wlshear.clash.io import DEFAULT_FILTERS
 from wlshear.clash.mock import MockConfig, make_mock_field
 from wlshear.tasks.rules import MOCK_FIELD_RELATIONS, MOCK_FIELD_RULES
-from wlshear.utils.hydra import run_cli
+from wlshear.utils.hydra import cli_main
+
+
+#: ``python -m wlshear.tasks.mock_field key=value ...``
+main = cli_main("mock_field", lambda cfg: mock_field(cfg), MOCK_FIELD_RULES, MOCK_FIELD_RELATIONS,
+                example="python -m wlshear.tasks.mock_field out=outputs/clash_mock", doc=__doc__)
 
 
 def mock_config(cfg: DictConfig) -> MockConfig:
@@ -43,11 +48,6 @@ def mock_field(cfg: DictConfig) -> int:
         f"  truth: {s['files']['truth']}\n  catalogue: {s['files']['catalogue']}\n  summary: {s['files']['summary']}"
     )
     return 0
-
-
-def main(argv=None) -> int:
-    return run_cli("mock_field", mock_field, MOCK_FIELD_RULES, MOCK_FIELD_RELATIONS, argv,
-                   example="python -m wlshear.tasks.mock_field out=outputs/clash_mock", doc=__doc__)
 
 
 if __name__ == "__main__":

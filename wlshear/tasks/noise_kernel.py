@@ -16,7 +16,12 @@ from omegaconf import DictConfig
 from wlshear.clash.io import read_image
 from wlshear.clash.noise_kernel import measure_noise_kernel
 from wlshear.tasks.rules import NOISE_KERNEL_RELATIONS, NOISE_KERNEL_RULES
-from wlshear.utils.hydra import run_cli
+from wlshear.utils.hydra import cli_main
+
+
+#: ``python -m wlshear.tasks.noise_kernel key=value ...``
+main = cli_main("noise_kernel", lambda cfg: noise_kernel(cfg), NOISE_KERNEL_RULES, NOISE_KERNEL_RELATIONS,
+                example="python -m wlshear.tasks.noise_kernel image=total.fits out=kernel.npy", doc=__doc__)
 
 
 def noise_kernel(cfg: DictConfig) -> int:
@@ -35,11 +40,6 @@ def noise_kernel(cfg: DictConfig) -> int:
     np.savetxt(out.with_suffix(".txt"), kernel, fmt="%.6e", header=header)
     print(f"wrote {out} and {out.with_suffix('.txt')}: {header}")
     return 0
-
-
-def main(argv=None) -> int:
-    return run_cli("noise_kernel", noise_kernel, NOISE_KERNEL_RULES, NOISE_KERNEL_RELATIONS, argv,
-                   example="python -m wlshear.tasks.noise_kernel image=total.fits out=kernel.npy", doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,12 @@ from omegaconf import DictConfig
 
 from wlshear.metrics.plots import plot_stamp_grid
 from wlshear.tasks.rules import RENDER_RELATIONS, RENDER_RULES
-from wlshear.utils.hydra import run_cli
+from wlshear.utils.hydra import cli_main
+
+
+#: ``python -m wlshear.tasks.render key=value ...``
+main = cli_main("render", lambda cfg: render(cfg), RENDER_RULES, RENDER_RELATIONS,
+                example="python -m wlshear.tasks.render n=1000 out=stamps.fits", doc=__doc__)
 
 
 def render(cfg: DictConfig) -> int:
@@ -39,11 +44,6 @@ def render(cfg: DictConfig) -> int:
     plot_stamp_grid(batch.stamps[:k], grid, titles=titles)
     print(f"wrote {len(batch)} stamps to {out} ({len(batch.failures)} failed and skipped); grid: {grid}")
     return 0
-
-
-def main(argv=None) -> int:
-    return run_cli("render", render, RENDER_RULES, RENDER_RELATIONS, argv,
-                   example="python -m wlshear.tasks.render n=1000 out=stamps.fits", doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,13 @@ from omegaconf import DictConfig
 
 from wlshear.metrics.plots import plot_summary
 from wlshear.tasks.rules import SUMMARIZE_RULES
-from wlshear.utils.hydra import run_cli
+from wlshear.utils.hydra import cli_main
+
+
+#: ``python -m wlshear.tasks.summarize key=value ...``
+main = cli_main("summarize", lambda cfg: summarize_task(cfg), SUMMARIZE_RULES, (),
+                example="python -m wlshear.tasks.summarize dir=outputs/train/multiruns/<stamp>", doc=__doc__)
+
 
 SUMMARY_KEYS = ("m1", "m2", "c1", "c2", "sigma1", "sigma2")
 COLUMNS = ("job", "status", "overrides", "model", "net", "experiment", "noise_scale", "source",
@@ -168,11 +174,6 @@ def summarize_task(cfg: DictConfig) -> int:
     for kind, p in paths.items():
         print(f"wrote {kind}: {p}")
     return 0
-
-
-def main(argv=None) -> int:
-    return run_cli("summarize", summarize_task, SUMMARIZE_RULES, (), argv,
-                   example="python -m wlshear.tasks.summarize dir=outputs/train/multiruns/<stamp>", doc=__doc__)
 
 
 if __name__ == "__main__":

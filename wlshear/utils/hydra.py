@@ -136,3 +136,12 @@ def run_cli(config_name: str, task: Callable[[DictConfig], int | None], rules, r
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return int(task(cfg) or 0)
+
+
+def cli_main(config_name: str, task: Callable[[DictConfig], int | None], rules, relations=(), example: str = "",
+             doc: str = "") -> Callable[..., int]:
+    """``main(argv=None) -> exit status`` of a command-line task (:func:`run_cli` with these settings)."""
+    def main(argv=None) -> int:
+        return run_cli(config_name, task, rules, relations, argv, example=example, doc=doc)
+    main.__doc__ = doc
+    return main
