@@ -104,7 +104,7 @@ def test_callbacks_instantiate(tmp_path, name):
 def test_logger_options_instantiate_into_tmp(tmp_path, name):
     from lightning.pytorch.loggers import WandbLogger
 
-    from wlshear.tasks.train import build_loggers
+    from wlshear.tasks.tracking import build_loggers
 
     cfg = _compose(tmp_path, [f"logger={name}"])
     loggers = build_loggers(cfg, tmp_path, None)
@@ -175,7 +175,7 @@ def test_paper_clash_experiment(tmp_path):
 
 
 def test_paper_clash_requires_target_catalog(tmp_path):
-    from wlshear.tasks.train import check_required
+    from wlshear.tasks.preflight import check_required
 
     cfg = _compose(tmp_path, ["experiment=paper_clash"])
     with pytest.raises(ValueError, match="data.target_catalog"):

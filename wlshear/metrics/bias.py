@@ -53,6 +53,10 @@ class BiasFit:
         out["n_failed"] = int(self.n_failed)
         return out
 
+    def calibration(self) -> dict:
+        """The fitted bias as a calibration ``{m1, c1, m2, c2}`` (what ``ShearEstimator`` inverts)."""
+        return {"m1": float(self.m[0]), "c1": float(self.c[0]), "m2": float(self.m[1]), "c2": float(self.c[1])}
+
     def __str__(self) -> str:
         d = self.as_dict()
         return (

@@ -90,7 +90,7 @@ TRAIN_RULES: dict[str, Rule] = {
     **prefixed("metacal", METACAL_RULES),
     "evaluate.enabled": Bool(),
     "evaluate.symmetrize": Bool(),
-    "optimized_metric": Choice("val_mse", note="the metric train.py returns to a sweeper (hparams_search)", nullable=True),
+    "optimized_metric": Str(nullable=True, note="the metrics.json key train.py returns to a sweeper (hparams_search)"),
 }
 
 EVALUATE_RULES: dict[str, Rule] = {
