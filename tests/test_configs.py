@@ -282,3 +282,24 @@ def test_cosmos_real_100_source_when_present(tmp_path):
                               "data.target_catalog=x.csv"])
     src = instantiate(cfg.data.source)
     assert len(src) > 0
+
+
+NOISE_LEVELS = {"full": 1.0, "half": 0.5, "quarter": 0.25, "none": 0.0}
+
+
+def test_every_noise_group_has_its_level():
+    assert set(options("data/noise")) == set(NOISE_LEVELS)
+
+
+@pytest.mark.parametrize("experiment", [None, *options("experiment")])
+@pytest.mark.parametrize("noise", sorted(NOISE_LEVELS))
+def test_every_experiment_composes_with_every_noise_group(tmp_path, experiment, noise):
+    """data/noise=<level> sets the noise whatever the experiment (paper_clash used to pin
+    data.noise_scale: 1.0, so `experiment=paper_clash data/noise=half` trained at full noise)."""
+    over = ([f"experiment={experiment}"] if experiment else []) + [f"data/noise={noise}"]
+    cfg = _compose(tmp_path, over)
+    assert cfg.data.noise_scale == NOISE_LEVELS[noise], (experiment, noise)
+    # a value on the command line still wins over the group, and the group over the default
+    assert _compose(tmp_path, [*over, "data.noise_scale=0.3"]).data.noise_scale == 0.3
+    default = _compose(tmp_path, [f"experiment={experiment}"] if experiment else [])
+    assert default.data.noise_scale == 1.0
