@@ -148,10 +148,6 @@ class ShearDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.test_set)
 
-    def loader(self, ds) -> DataLoader:
-        """An evaluation-style loader over any cached set."""
-        return self._eval_loader(ds)
-
     # -- checkpointing: resume continues the stream instead of repeating epoch 0 -------------
     def state_dict(self):
         passes = self.trainer.current_epoch + 1 if self.trainer is not None else self._train_passes
