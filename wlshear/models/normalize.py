@@ -15,7 +15,6 @@ the whole normalised stamp; callers flag such stamps as failures.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 __all__ = ["normalize_stamps", "DEFAULT_EPS"]
