@@ -87,6 +87,34 @@ def _robust_sigma(v: np.ndarray) -> float:
     return 1.4826 * float(np.median(np.abs(v - np.median(v))))
 
 
+def _stellar_locus(dc, rc, centre0: float, d_star, min_stars: int) -> tuple:
+    """(d_fit, d_sig, r_fit, r_sig, n_locus) of the stellar locus among candidates with
+    ``dc = mu_max - mag`` and radii ``rc``: the mode of the smoothed histogram of ``dc`` within
+    +-1.5 mag of ``centre0`` (or ``d_star``), refined by iterative 3-sigma-clipped medians; NaN
+    (and the locus size) when fewer than ``min_stars`` candidates sit on it."""
+    d_fit, d_sig, r_fit, r_sig, n_locus = np.nan, np.nan, np.nan, np.nan, 0
+    if dc.size < min_stars:
+        return d_fit, d_sig, r_fit, r_sig, n_locus
+    edges = np.arange(centre0 - 1.5, centre0 + 1.5 + 1e-9, 0.05)
+    h, _ = np.histogram(dc, bins=edges)
+    hs = np.convolve(h, np.exp(-0.5 * (np.arange(-4, 5) / 2.0) ** 2), mode="same")
+    centre = 0.5 * (edges[np.argmax(hs)] + edges[np.argmax(hs) + 1]) if hs.max() > 0 else centre0
+    if d_star is not None:
+        centre = d_star
+    sel = np.abs(dc - centre) < 0.5
+    for _ in range(5):
+        if sel.sum() < 2:
+            break
+        centre = float(np.median(dc[sel])) if d_star is None else d_star
+        s = max(_robust_sigma(dc[sel]), 0.02)
+        sel = np.abs(dc - centre) < max(3 * s, 0.1)
+    n_locus = int(sel.sum())
+    if n_locus >= min_stars:
+        d_fit, d_sig = centre, _robust_sigma(dc[sel])
+        r_fit, r_sig = float(np.median(rc[sel])), _robust_sigma(rc[sel])
+    return d_fit, d_sig, r_fit, r_sig, n_locus
+
+
 def classify_stars(
     mag,
     mu_max,
@@ -134,27 +162,8 @@ def classify_stars(
     d_fit, d_sig, r_fit, r_sig, n_locus = np.nan, np.nan, np.nan, np.nan, 0
     if method == "auto":
         cand = bright & (r < r_candidate_max)
-        dc, rc = d[cand], r[cand]
-        if dc.size >= min_stars:
-            # mode of the smoothed histogram of d within +-1.5 mag of the PSF prediction
-            centre0 = d_psf if d_star is None else d_star
-            edges = np.arange(centre0 - 1.5, centre0 + 1.5 + 1e-9, 0.05)
-            h, _ = np.histogram(dc, bins=edges)
-            hs = np.convolve(h, np.exp(-0.5 * (np.arange(-4, 5) / 2.0) ** 2), mode="same")
-            centre = 0.5 * (edges[np.argmax(hs)] + edges[np.argmax(hs) + 1]) if hs.max() > 0 else centre0
-            if d_star is not None:
-                centre = d_star
-            sel = np.abs(dc - centre) < 0.5
-            for _ in range(5):
-                if sel.sum() < 2:
-                    break
-                centre = float(np.median(dc[sel])) if d_star is None else d_star
-                s = max(_robust_sigma(dc[sel]), 0.02)
-                sel = np.abs(dc - centre) < max(3 * s, 0.1)
-            n_locus = int(sel.sum())
-            if n_locus >= min_stars:
-                d_fit, d_sig = centre, _robust_sigma(dc[sel])
-                r_fit, r_sig = float(np.median(rc[sel])), _robust_sigma(rc[sel])
+        d_fit, d_sig, r_fit, r_sig, n_locus = _stellar_locus(d[cand], r[cand], d_psf if d_star is None else d_star,
+                                                             d_star, min_stars)
         if np.isfinite(d_fit):
             d_use = d_fit if d_star is None else d_star
             tol_use = max(d_tol_min, 3 * d_sig) if d_tol is None else d_tol
