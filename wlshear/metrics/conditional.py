@@ -21,7 +21,7 @@ import numpy as np
 from wlshear.metrics.bias import bias_summary, fixed_sigma
 from wlshear.metrics.binned import bin_edges, bin_index
 
-__all__ = ["pair_mean_observable", "conditional_rows", "DEFAULT_BINS"]
+__all__ = ["pair_mean_observable", "conditional_rows", "chi2_zero_m", "DEFAULT_BINS"]
 
 DEFAULT_BINS = {"mag": 5, "hlr_px": 3, "snr": 3}
 
@@ -87,3 +87,12 @@ def conditional_rows(g_true, estimates: dict, observables: dict, pair_ids=None, 
                                         None if pair_ids is None else np.asarray(pair_ids)[sel], cal))
                 rows.append(row)
     return rows
+
+
+def chi2_zero_m(rows: list[dict]) -> dict:
+    """The residual conditional bias of :func:`conditional_rows` rows (one estimator; any bins):
+    ``chi2`` = sum over bins and both components of (m / m_err)^2 (the test of m = 0), its ``dof``
+    and ``max_abs_m``. Bins too small to fit (no ``m1``) are left out."""
+    vals = [(r[f"m{k}"], r[f"m{k}_err"]) for r in rows if "m1" in r for k in (1, 2)]
+    return {"chi2": float(sum((m / e) ** 2 for m, e in vals)), "dof": len(vals),
+            "max_abs_m": float(max(abs(m) for m, _ in vals))}
