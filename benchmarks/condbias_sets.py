@@ -88,6 +88,17 @@ def rows_of(rows: list[dict], name: str, observable: str) -> list[dict]:
     return [r for r in rows if r["estimator"] == name and r["observable"] == observable]
 
 
+def study_parser(doc: str, n_cal: int, n_test: int) -> argparse.ArgumentParser:
+    """The options both conditional-bias studies take: estimator, set sizes, workers, output stem."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--estimator", default=None, help="default: the newest outputs/train/runs/*/estimator_refit.pt")
+    ap.add_argument("--n-cal", type=int, default=n_cal)
+    ap.add_argument("--n-test", type=int, default=n_test)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/RESULTS_condbias", help="output path stem (relative to the repository)")
+    return ap
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-cal", type=int, default=16000)

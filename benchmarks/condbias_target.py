@@ -14,7 +14,6 @@ benchmarks/condbias_sets.py (``--backend torch``). Appends a section to RESULTS_
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import hashlib
 import json
@@ -26,7 +25,7 @@ import numpy as np
 
 from _machine import machine_header
 from condbias_sets import (IDENTITY, REPO, TORCH_SETS, cached, global_calibration, newest_estimator, overall,
-                           parametric_renderer, rel, rows_of)
+                           parametric_renderer, rel, rows_of, study_parser)
 from wlshear.calibration import fit_surface, select_surface
 from wlshear.metrics.bias import calibrate
 from wlshear.metrics.conditional import chi2_zero_m, conditional_rows
@@ -127,16 +126,11 @@ def set_section(set_name, n, rows, ov, names, tag) -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--estimator", default=None)
-    ap.add_argument("--n-cal", type=int, default=300000)
-    ap.add_argument("--n-test", type=int, default=300000)
+    ap = study_parser(__doc__, n_cal=300000, n_test=300000)
     ap.add_argument("--extra-test", type=int, default=0, choices=[0, 1, 2],
                     help="add this many further independent torch test sets (test2, test3)")
     ap.add_argument("--galsim-test", type=int, default=0,
                     help="also evaluate on this many GalSim-rendered test stamps (seed 8002)")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--out", default="benchmarks/RESULTS_condbias", help="output path stem (relative to the repository)")
     args, _ = ap.parse_known_args(argv)
     import torch
 

@@ -33,7 +33,6 @@ in-script loop over a fixed set of grouped stamps (numbers not reproducible bit 
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -44,7 +43,7 @@ import numpy as np
 
 from _machine import machine_header
 from condbias_sets import (IDENTITY, REPO, cached, global_calibration, newest_estimator, overall, parametric_renderer,
-                           real_renderer, rel, rows_of)
+                           real_renderer, rel, rows_of, study_parser)
 from wlshear.baselines import KSBEstimator, WLENetEstimator
 from wlshear.calibration import fit_surface
 from wlshear.metrics.conditional import chi2_zero_m, conditional_rows
@@ -152,10 +151,7 @@ def estimators(args, est_path: Path, cal_set, say) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--estimator", default=None)
-    ap.add_argument("--n-cal", type=int, default=48000)
-    ap.add_argument("--n-test", type=int, default=40000)
+    ap = study_parser(__doc__, n_cal=48000, n_test=40000)
     ap.add_argument("--n-real", type=int, default=4000)
     ap.add_argument("--n-groups", type=int, default=3000)
     ap.add_argument("--group-size", type=int, default=8)
@@ -168,8 +164,6 @@ def main(argv=None) -> int:
     # stages gave chi2(m = 0) = 26 / 16 over 5 mag + 3 hlr bins vs 103 (one stage), 72 (degree 2)
     ap.add_argument("--surface-degree", type=int, default=3)
     ap.add_argument("--surface-stages", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--out", default="benchmarks/RESULTS_condbias", help="output path stem (relative to the repository)")
     ap.add_argument("--target", action="store_true", help="the issue #8 target study (benchmarks/condbias_target.py)")
     args, rest = ap.parse_known_args(argv)
     if args.target:
