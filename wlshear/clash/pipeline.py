@@ -450,8 +450,8 @@ def _profile_table(prof, prof_b, truth, bins, min_per_bin: int) -> tuple[Table, 
             table[b] = np.where(prof_b["n"] >= min_per_bin, prof_b[a], np.nan)
     model = None
     if truth is not None:
-        rr = np.where(np.isfinite(table["r_mean"]), table["r_mean"], 0.5 * (table["r_lo"] + table["r_hi"]))
-        table["gt_nfw"] = nfw_gt_model(rr, truth)
+        radius = np.where(np.isfinite(table["r_mean"]), table["r_mean"], 0.5 * (table["r_lo"] + table["r_hi"]))
+        table["gt_nfw"] = nfw_gt_model(radius, truth)
         rm = np.geomspace(max(bins[0], 1.0), bins[-1], 100)
         model = (rm, nfw_gt_model(rm, truth))
     return table, model

@@ -159,14 +159,14 @@ def _evaluate_test_set(cfg: DictConfig, out_dir: Path, inputs: _Inputs) -> tuple
     dm = instantiate(cfg.data)
     noise_sigma = dm.noise.sigma if dm.noise is not None else None
     baselines, skipped = build_baselines(cfg.get("baselines"), noise_sigma=noise_sigma)
-    tcfg = cfg.test
-    test_seed = int(cfg.seed) * 1000 + int(tcfg.get("seed_offset", 5))
-    test = CachedStampSet(dm.eval_renderer, int(tcfg.n), test_seed, cache_dir=dm.cache_dir, ring=bool(tcfg.ring),
-                          name=str(tcfg.get("name", "evaltest")), progress=True,
+    test_cfg = cfg.test
+    test_seed = int(cfg.seed) * 1000 + int(test_cfg.get("seed_offset", 5))
+    test = CachedStampSet(dm.eval_renderer, int(test_cfg.n), test_seed, cache_dir=dm.cache_dir, ring=bool(test_cfg.ring),
+                          name=str(test_cfg.get("name", "evaltest")), progress=True,
                           max_failure_fraction=float(dm.hparams.max_failure_fraction))
-    pair_ids = test.meta.get("pair_id") if tcfg.ring else None
+    pair_ids = test.meta.get("pair_id") if test_cfg.ring else None
     log.info("test set: %d stamps (%d failed to render), ring=%s, cache %s", len(test),
-             len(test.batch.failures), bool(tcfg.ring), test.path)
+             len(test.batch.failures), bool(test_cfg.ring), test.path)
     symmetrize = [bool(s) for s in cfg.get("symmetrize", [False, True])]
     res = run_estimators(test.batch.stamps, cnns, baselines, symmetrize, int(cfg.get("batch_size", 256)),
                          progress=True, desc="(test set)")
@@ -180,7 +180,7 @@ def _evaluate_test_set(cfg: DictConfig, out_dir: Path, inputs: _Inputs) -> tuple
 
 def _results(ctx: EvalContext, extra: dict, studies: dict, files: dict, t_start: float) -> dict:
     """The results.json content."""
-    tcfg, test, data_cfg = ctx.cfg.test, ctx.test, ctx.data_cfg
+    test_cfg, test, data_cfg = ctx.cfg.test, ctx.test, ctx.data_cfg
     for sname, s in studies.items():
         files[sname] = s["csv"]
         if s.get("png"):
@@ -188,8 +188,8 @@ def _results(ctx: EvalContext, extra: dict, studies: dict, files: dict, t_start:
     return {
         "run_dir": str(ctx.out_dir),
         "checkpoints": {k: str(v) for k, v in ctx.ckpt_paths.items()},
-        "test_set": {"n": len(test), "n_requested": int(tcfg.n), "n_render_failed": len(test.batch.failures),
-                     "ring": bool(tcfg.ring), "seed": ctx.test_seed, "cache": str(test.path) if test.path else None,
+        "test_set": {"n": len(test), "n_requested": int(test_cfg.n), "n_render_failed": len(test.batch.failures),
+                     "ring": bool(test_cfg.ring), "seed": ctx.test_seed, "cache": str(test.path) if test.path else None,
                      "noise_scale": data_cfg.get("noise_scale"), "noise_sigma_counts": ctx.noise_sigma,
                      "population": data_cfg.get("eval_population"),
                      "source": (data_cfg.get("source") or {}).get("_target_")},

@@ -89,9 +89,9 @@ def surface_fit(cfg: DictConfig, data_overrides=()) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     data_overrides = [a for a in argv if a.startswith(("data.", "data/", "+data"))]
-    return run_cli("fit_surface", lambda cfg: surface_fit(cfg, data_overrides), FIT_SURFACE_RULES, FIT_SURFACE_RELATIONS, argv,
-                   example="python -m wlshear.tasks.fit_surface estimator=<run>/estimator_refit.pt "
-                           "out=<run>/estimator_surface.pt", doc=__doc__)
+    example = "python -m wlshear.tasks.fit_surface estimator=<run>/estimator_refit.pt out=<run>/estimator_surface.pt"
+    return run_cli("fit_surface", lambda cfg: surface_fit(cfg, data_overrides), FIT_SURFACE_RULES,
+                   FIT_SURFACE_RELATIONS, argv, example=example, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -148,10 +148,10 @@ def _markdown(run_summary: dict) -> str:
         if s.get("status") != "ok":
             lines.append(f"| {name} | FAILED: {s.get('error', '')[:120]} | | | | |")
             continue
-        ho = s.get("sigma_source", {})
+        holdout = s.get("sigma_source", {})
 
         def pair(k):
-            v = ho.get(k)
+            v = holdout.get(k)
             return "-" if not v else f"{_fmt(v['sigma_source'][0])}, {_fmt(v['sigma_source'][1])}"
 
         lines.append(f"| {name} | ok | {s.get('n_galaxies')} | {pair('cnn')} | {pair('cnn_common')} | {pair('baseline')} |")
