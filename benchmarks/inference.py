@@ -44,11 +44,11 @@ def _time(fn, repeats: int) -> float:
 
 def _stamps(n: int, seed: int = 0) -> np.ndarray:
     from wlshear.sim.augment import Augmentation
+    from wlshear.sim.constants import FAST_GSPARAMS as gsp
     from wlshear.sim.noise import CorrelatedNoise
     from wlshear.sim.render import StampRenderer
     from wlshear.sim.sources import ParametricSource
 
-    gsp = dict(minimum_fft_size=64, folding_threshold=1e-2, maxk_threshold=3e-3)
     src = ParametricSource(n_galaxies=2000, gsparams=gsp)
     r = StampRenderer(src, CorrelatedNoise(), Augmentation().test_mode(), gsparams=gsp)
     return r.simulate(n, seed).stamps
