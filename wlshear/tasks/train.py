@@ -250,7 +250,19 @@ def _test(cfg: DictConfig, run: _Run, estimator: ShearEstimator, metrics: dict, 
 
 
 def run(cfg: DictConfig) -> dict:
-    """Train, refit, evaluate. Returns the metrics dict (also written to metrics.json)."""
+    """Train, refit, evaluate. Returns the metrics dict (also written to metrics.json).
+
+    The run uses ``torch.set_float32_matmul_precision("medium")`` (bf16 matmuls where the CPU or GPU
+    has them) and restores the process's setting when it ends, so code run after it in the same
+    process (a notebook, the test suite, the next job of an in-process sweep) keeps full precision."""
+    precision = torch.get_float32_matmul_precision()
+    try:
+        return _train(cfg)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def _train(cfg: DictConfig) -> dict:
     t0 = time.time()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
