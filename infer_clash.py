@@ -1,7 +1,7 @@
 """Run the CNN shear estimator on CLASH cluster fields (Hydra entry point).
 
 Examples:
-    python -m wlshear.clash.mock --out outputs/clash_mock
+    python -m wlshear.tasks.mock_field out=outputs/clash_mock
     python infer_clash.py estimator=outputs/train/runs/<stamp>/estimator_refit.pt
     python infer_clash.py estimator=... 'clusters=[{name: a383, dir: DATA/a383, redshift: 0.187}]'
 

@@ -14,10 +14,9 @@ from wlshear.utils.hydra import set_project_root
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
-    from wlshear.tasks.train import run
+    from wlshear.tasks.train import optimized_value, run
 
-    metrics = run(cfg)
-    return metrics.get("val_mse")  # objective for hparams_search sweepers
+    return optimized_value(cfg, run(cfg))  # the objective of hparams_search sweepers (optimized_metric)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
+from wlshear.sim.constants import FAST_GSPARAMS, PIXEL_SCALE
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def rel(path) -> str:
+    """``path`` relative to the repository root when it is inside it (results name no machine paths)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(path)
 
 
 def newest_estimator() -> Path | None:
@@ -43,15 +49,16 @@ def test_set_sigma(est_path: Path, n: int, seed: int) -> tuple[list[float], str]
         for key in ("cnn_refit_sym", "cnn_sym"):
             r = m.get("test", {}).get(key)
             if r and "sigma1" in r:
-                return [r["sigma1"], r["sigma2"]], f"{metrics} (test.{key}, n={r.get('n')})"
+                return [r["sigma1"], r["sigma2"]], f"{rel(metrics)} (test.{key}, n={r.get('n')})"
     from wlshear.metrics.bias import fit_bias
     from wlshear.models.estimator import load_estimator
     from wlshear.sim.augment import Augmentation
     from wlshear.sim.noise import CorrelatedNoise
-    from wlshear.sim.render import StampRenderer, build_source
+    from wlshear.sim.render import StampRenderer
+    from wlshear.sim.sources import ParametricSource
 
-    gsp = dict(minimum_fft_size=64, folding_threshold=1e-2, maxk_threshold=3e-3)
-    r = StampRenderer(build_source("parametric", gsparams=gsp), CorrelatedNoise(), Augmentation().test_mode(), gsparams=gsp)
+    r = StampRenderer(ParametricSource(gsparams=FAST_GSPARAMS), CorrelatedNoise(), Augmentation().test_mode(),
+                      gsparams=FAST_GSPARAMS)
     b = r.simulate(n, seed, progress=True)
     fit = fit_bias(b.shear, load_estimator(est_path).predict(b.stamps))
     return list(np.asarray(fit.sigma, dtype=float)), f"{n} simulated test-mode stamps (parametric, CLASH noise)"
@@ -67,9 +74,9 @@ def main(argv=None) -> int:
     ap.add_argument("--m200", type=float, default=3e14)
     ap.add_argument("--n-boot", type=int, default=100)
     ap.add_argument("--n-test", type=int, default=2000)
-    ap.add_argument("--work", default=str(REPO / "outputs" / "benchmarks" / "clash_mock"))
+    ap.add_argument("--work", default="outputs/benchmarks/clash_mock", help="work directory (relative: to the repository)")
     ap.add_argument("--reuse", action="store_true", help="reuse an existing mock field in --work")
-    ap.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS_clash.md"))
+    ap.add_argument("--results", default="benchmarks/RESULTS_clash.md")
     args = ap.parse_args(argv)
 
     from astropy.table import Table
@@ -78,10 +85,10 @@ def main(argv=None) -> int:
     from _machine import append_results, machine_header
     from wlshear.clash.lensing import shear_profile
     from wlshear.clash.mock import MockConfig, make_mock_field
-    from wlshear.tasks.infer_clash import nfw_gt_model
+    from wlshear.clash.lensing import nfw_gt_model
 
     t0 = time.time()
-    work = Path(args.work)
+    work = REPO / args.work
     mock_dir = work / "field"
     name = "mock"
     js = mock_dir / f"{name}_mock.json"
@@ -93,7 +100,7 @@ def main(argv=None) -> int:
     center = msum["center"]
     truth = Table.read(mock_dir / f"{name}_truth.fits")
     base = Table.read(mock_dir / f"{name}_wl_catalogue.fits")
-    half = 0.5 * args.size * 0.065
+    half = 0.5 * args.size * PIXEL_SCALE
     bins = np.array([5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 55]) if half > 40 else np.linspace(5, half * 1.4, 6)
     lines = [machine_header(), f"command: python benchmarks/clash_mock.py {' '.join(argv or sys.argv[1:])}",
              f"mock: {args.size}x{args.size} px, {msum['n_galaxies']} galaxies, {msum['n_stars']} stars, NFW M200 "
@@ -104,10 +111,10 @@ def main(argv=None) -> int:
     gal = truth[~truth["is_star"]]
     e = np.random.default_rng(args.seed).normal(0, 0.25, (len(gal), 2))
     profiles["truth + shape noise 0.25"] = shear_profile(gal["x"], gal["y"], gal["g1"] + e[:, 0], gal["g2"] + e[:, 1],
-                                                         center, bins, pixel_scale=0.065)
+                                                         center, bins, pixel_scale=PIXEL_SCALE)
     t = truth[np.asarray(base["ID"])]
     profiles["baseline catalogue (true positions)"] = shear_profile(t["x"], t["y"], base["G1"], base["G2"], center, bins,
-                                                                    pixel_scale=0.065)
+                                                                    pixel_scale=PIXEL_SCALE)
 
     est_path = Path(args.estimator) if args.estimator else newest_estimator()
     run_summary = None
@@ -138,7 +145,7 @@ def main(argv=None) -> int:
             ho = cs["sigma_source"]
             sig_test, src = test_set_sigma(est_path, args.n_test, args.seed + 7)
             lines.append(f"pipeline wall time {t_pipe:.1f} s; {cs['n_detected']} detections, {cs['n_galaxies']} galaxies after cuts")
-            lines.append(f"(b) estimator {est_path}")
+            lines.append(f"(b) estimator {rel(est_path)}")
             lines.append(f"    CNN hold-out sigma_source on the mock (g1, g2): {ho['cnn']['sigma_source'][0]:.4f}, {ho['cnn']['sigma_source'][1]:.4f}"
                          f"  (n_test {ho['cnn']['n_test']}, sigma_field {ho['cnn']['sigma_field'][0]:.4f})")
             if "baseline" in ho:
@@ -179,10 +186,10 @@ def main(argv=None) -> int:
     png = work / "profile_acceptance.png"
     work.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
-    lines.append(f"plot: {png}; total time {time.time() - t0:.1f} s")
+    lines.append(f"plot: {rel(png)}; total time {time.time() - t0:.1f} s")
     report = "\n".join(lines)
     print(report)
-    append_results(args.results, f"clash_mock {time.strftime('%Y-%m-%d %H:%M:%S')}", report)
+    append_results(REPO / args.results, f"clash_mock {time.strftime('%Y-%m-%d %H:%M:%S')}", report)
     return 0
 
 

@@ -21,7 +21,6 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -29,7 +28,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 TARGET_CNN_SYM = 1000.0  # stamps / s / core with the 8-fold average (issue #4)
 
@@ -46,11 +44,11 @@ def _time(fn, repeats: int) -> float:
 
 def _stamps(n: int, seed: int = 0) -> np.ndarray:
     from wlshear.sim.augment import Augmentation
+    from wlshear.sim.constants import FAST_GSPARAMS as gsp
     from wlshear.sim.noise import CorrelatedNoise
     from wlshear.sim.render import StampRenderer
     from wlshear.sim.sources import ParametricSource
 
-    gsp = dict(minimum_fft_size=64, folding_threshold=1e-2, maxk_threshold=3e-3)
     src = ParametricSource(n_galaxies=2000, gsparams=gsp)
     r = StampRenderer(src, CorrelatedNoise(), Augmentation().test_mode(), gsparams=gsp)
     return r.simulate(n, seed).stamps
@@ -67,7 +65,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
-    from wlshear.baselines import get_baseline
+    from wlshear.tasks.estimators import build_baselines
+    from wlshear.utils.hydra import compose_config
     from wlshear.baselines.wlenet import default_release_dir
     from wlshear.models.architectures import PaperCNN
     from wlshear.models.estimator import ShearEstimator
@@ -116,11 +115,11 @@ def main(argv=None) -> int:
         if name == "wlenet" and not default_release_dir().exists():
             out(f"| wlenet | - | - | skipped: no release at {default_release_dir()} |")
             continue
-        try:
-            bl = get_baseline(name)
-        except (ImportError, FileNotFoundError, ValueError) as err:
-            out(f"| {name} | - | - | skipped: {type(err).__name__}: {err} |")
+        built, skipped = build_baselines(compose_config("evaluate", [f"baselines=[{name}]", f"paths.root_dir={REPO}"]).baselines)
+        if name in skipped:
+            out(f"| {name} | - | - | skipped: {skipped[name]} |")
             continue
+        bl = built[name]
         reps = max(1, min(args.repeats, 3))
         dt = _time(lambda: bl.estimate(stamps), reps)
         out(f"| {name} | {len(stamps)} | {len(stamps)} | {len(stamps) / dt:,.0f} |")
@@ -136,7 +135,7 @@ def main(argv=None) -> int:
                             "One section per run, newest last; stamps per second on one CPU core.\n\n")
         with path.open("a") as fh:
             fh.write("\n".join(lines) + "\n")
-        print(f"appended to {path}")
+        print(f"appended to {path.relative_to(REPO)}")
     return 0
 
 

@@ -28,12 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from _machine import machine_header
+from wlshear.sim.constants import FAST_GSPARAMS as GSP
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks._machine import machine_header  # noqa: E402
-
-GSP = dict(minimum_fft_size=64, folding_threshold=1e-2, maxk_threshold=3e-3)
 REAL_DIR = REPO.parent / "shared" / "data" / "cosmos_real_100"
 REAL_FILE = "real_galaxy_catalog_26_extension_example.fits"
 MAG_EDGES = [0.0, 23.0, 24.0, 25.0]
@@ -42,14 +40,15 @@ MAG_EDGES = [0.0, 23.0, 24.0, 25.0]
 def renderer(kind: str, noise_scale: float, backend: str):
     from wlshear.sim.augment import Augmentation
     from wlshear.sim.noise import CorrelatedNoise
-    from wlshear.sim.render import StampRenderer, build_source
+    from wlshear.sim.render import StampRenderer
+    from wlshear.sim.sources import ParametricSource
     from wlshear.sim.sources import CosmosSource
 
     if kind == "real":
         src = CosmosSource(REAL_DIR, file_name=REAL_FILE, use_real=True, exclusion_level="none",
                            mag_range=(0.0, 25.0), gsparams=GSP)
     else:
-        src = build_source("parametric", gsparams=GSP)
+        src = ParametricSource(gsparams=GSP)
     noise = CorrelatedNoise(None, noise_scale) if noise_scale > 0 else None
     return StampRenderer(src, noise, Augmentation().test_mode(), population="natural", gsparams=GSP,
                          backend=backend)
@@ -152,11 +151,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=13)
     ap.add_argument("--baselines", nargs="*", default=["moments", "ksb"])
     ap.add_argument("--metacal-baselines", nargs="*", default=["moments"])
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "RESULTS_metacal"))
+    ap.add_argument("--out", default="benchmarks/RESULTS_metacal", help="output path stem (relative: to the repository)")
     args = ap.parse_args(argv)
 
     import wlshear
-    from wlshear.baselines import get_baseline
+    from wlshear.tasks.estimators import build_baselines
+    from wlshear.utils.hydra import compose_config
     from wlshear.sim.metacal import MetacalSettings
 
     est = wlshear.load_estimator(args.estimator)
@@ -179,7 +179,8 @@ def main(argv=None) -> int:
             from wlshear.sim.metacal import MetacalOperator
 
             op = MetacalOperator(settings)
-            baselines = {b: get_baseline(b) for b in args.baselines}
+            baselines = build_baselines(compose_config("evaluate", [f"baselines=[{','.join(args.baselines)}]",
+                                                              f"paths.root_dir={REPO}"]).baselines)[0]
             n_orient = args.n_orient if kind == "real" else args.n_orient_param
             n_gal = 0 if kind == "real" else args.n_gal_param
             backend = "galsim" if kind == "real" else "torch"
@@ -197,8 +198,8 @@ def main(argv=None) -> int:
                       f"c1={a['c1']:+.5f} c2={a['c2']:+.5f} sigma={row['sigma'][0]:.4f},{row['sigma'][1]:.4f} "
                       + " bins m1: " + " ".join(f"{b['m1']:+.3f}+-{b['m1_err']:.3f}" for b in row["bins"])
                       + " m2: " + " ".join(f"{b['m2']:+.3f}+-{b['m2_err']:.3f}" for b in row["bins"]), flush=True)
-            Path(args.out + ".json").write_text(json.dumps(report, indent=1, default=float))
-            Path(args.out + ".md").write_text("\n".join(md) + "\n")
+            (REPO / (args.out + ".json")).write_text(json.dumps(report, indent=1, default=float))
+            (REPO / (args.out + ".md")).write_text("\n".join(md) + "\n")
     return 0
 
 

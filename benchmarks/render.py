@@ -12,22 +12,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import append_results, machine_header  # noqa: E402
+from _machine import append_results, machine_header
+from wlshear.data.datasets import EpochLoader, ShearStream
+from wlshear.sim.constants import FAST_GSPARAMS as GSP
+from wlshear.sim.noise import CorrelatedNoise
+from wlshear.sim.render import StampRenderer
+from wlshear.sim.sources import CosmosSource, ParametricSource
 
-from wlshear.data.datasets import EpochLoader, ShearStream  # noqa: E402
-from wlshear.sim.noise import CorrelatedNoise  # noqa: E402
-from wlshear.sim.render import StampRenderer  # noqa: E402
-from wlshear.sim.sources import CosmosSource, ParametricSource  # noqa: E402
-
-GSP = dict(minimum_fft_size=64, folding_threshold=1e-2, maxk_threshold=3e-3)
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -37,12 +37,12 @@ import galsim
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from wlshear.sim import torch_render
+from wlshear.sim.constants import FAST_GSPARAMS
+from wlshear.sim.render import StampRenderer, _galsim_backend
+from wlshear.sim.sources import CosmosSource, ParametricSource
 
-from wlshear.sim import torch_render  # noqa: E402
-from wlshear.sim.render import StampRenderer, _galsim_backend  # noqa: E402
-from wlshear.sim.sources import CosmosSource, ParametricSource  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 COSMOS_DIR = Path(os.environ.get("WLSHEAR_SHARED", REPO.parent / "shared")) / "data" / "cosmos_real_100"
 
@@ -54,7 +54,7 @@ def _e(img):
     return (res.observed_shape.e1, res.observed_shape.e2)
 
 
-GSP_CONFIG = dict(minimum_fft_size=64, folding_threshold=1e-2, maxk_threshold=3e-3)  # conf/data/default.yaml
+GSP_CONFIG = FAST_GSPARAMS  # conf/data/default.yaml's data.gsparams
 
 
 def _timed(fn):
@@ -150,7 +150,7 @@ def main(argv=None):
     ap.add_argument("--n-stream", type=int, default=2000, help="stamps of the end-to-end stream (0 = skip)")
     ap.add_argument("--stream-chunks", type=int, nargs="+", default=[50, 256],
                     help="ShearStream chunk sizes to measure (conf/data/default.yaml uses 50)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "RESULTS_render_torch.md"))
+    ap.add_argument("--out", default="benchmarks/RESULTS_render_torch.md", help="relative: to the repository")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     buf = io.StringIO()
@@ -183,7 +183,7 @@ def main(argv=None):
         if args.n_stream > 0:
             bench_stream(args)
     if args.out:
-        with open(args.out, "a") as f:
+        with open(REPO / args.out, "a") as f:
             f.write("\n```\n" + buf.getvalue() + "```\n")
 
 

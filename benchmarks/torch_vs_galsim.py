@@ -14,23 +14,20 @@ benchmarks/RESULTS_render_torch.md.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import append_results, machine_header  # noqa: E402
+import wlshear
+from _machine import append_results, machine_header
+from wlshear.metrics.bias import fit_bias, fit_line
+from wlshear.sim.augment import Augmentation
+from wlshear.sim.constants import FAST_GSPARAMS as GSP
+from wlshear.sim.noise import CorrelatedNoise
+from wlshear.sim.render import StampRenderer
+from wlshear.sim.sources import ParametricSource
 
-import wlshear  # noqa: E402
-from wlshear.metrics.bias import fit_bias, fit_line  # noqa: E402
-from wlshear.sim.augment import Augmentation  # noqa: E402
-from wlshear.sim.noise import CorrelatedNoise  # noqa: E402
-from wlshear.sim.render import StampRenderer  # noqa: E402
-from wlshear.sim.sources import ParametricSource  # noqa: E402
-
-GSP = dict(minimum_fft_size=64, folding_threshold=1e-2, maxk_threshold=3e-3)
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from wlshear.sim.constants import FAST_GSPARAMS  # noqa: F401 - re-exported for the tests
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("WLSHEAR_SHARED", REPO.parent / "shared")).resolve()
-FAST_GSPARAMS = dict(minimum_fft_size=64, folding_threshold=1e-2, maxk_threshold=3e-3)
 
 
 def _need(path: Path) -> Path:

@@ -83,13 +83,35 @@ def test_datamodule_checks_its_arguments_with_the_same_table():
 
 
 def test_shipped_configs_pass_validation(tmp_path):
-    from wlshear.utils.validate import EVALUATE_RULES, INFER_CLASH_RULES, TRAIN_RULES, problems
+    from wlshear.tasks.rules import EVALUATE_RULES, INFER_CLASH_RULES, RELATIONS, TRAIN_RULES
+    from wlshear.utils.validate import problems
 
     for name, rules, over in [("train.yaml", TRAIN_RULES, []), ("train.yaml", TRAIN_RULES, ["debug=fast"]),
                               ("train.yaml", TRAIN_RULES, ["model=paper_cnn_condbias", "data=grouped"]),
                               ("train.yaml", TRAIN_RULES, ["experiment=paper_clash"]),
                               ("evaluate.yaml", EVALUATE_RULES, []), ("infer_clash.yaml", INFER_CLASH_RULES, [])]:
-        assert problems(_compose(name, tmp_path, over), rules) == [], (name, over)
+        assert problems(_compose(name, tmp_path, over), rules, RELATIONS) == [], (name, over)
+
+
+def test_shipped_cli_configs_pass_validation(tmp_path):
+    from wlshear.tasks import rules
+    from wlshear.utils.hydra import compose_config
+    from wlshear.utils.validate import problems
+
+    image = tmp_path / "total.fits"
+    fits_bytes = np.zeros((8, 8), np.float32)
+    from astropy.io import fits
+
+    fits.PrimaryHDU(fits_bytes).writeto(image)
+    est = tmp_path / "e.pt"
+    est.write_bytes(b"")
+    for name, table, relations, over in [
+            ("render", rules.RENDER_RULES, rules.RENDER_RELATIONS, []),
+            ("mock_field", rules.MOCK_FIELD_RULES, rules.MOCK_FIELD_RELATIONS, ["out=o"]),
+            ("noise_kernel", rules.NOISE_KERNEL_RULES, rules.NOISE_KERNEL_RELATIONS, [f"image={image}", "out=k.npy"]),
+            ("fit_surface", rules.FIT_SURFACE_RULES, rules.FIT_SURFACE_RELATIONS, [f"estimator={est}", "out=o.pt"]),
+            ("summarize", rules.SUMMARIZE_RULES, (), ["dir=d"])]:
+        assert problems(compose_config(name, over), table, relations) == [], name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -498,44 +520,46 @@ def test_relations_between_keys(tmp_path, override, message):
 
 
 # ------------------------------------------------------------------------------------------------
-# 5. command lines: arguments checked before any work
+# 5. command lines (python -m wlshear.tasks.<name> key=value): arguments checked before any work
 
 @pytest.mark.parametrize("args, message", [
-    (["--n", "0"], r"argument --n: 0 must be an integer in \[1, 100000000\]"),
-    (["--n", "-5"], r"argument --n: -5 must be an integer in \[1, 100000000\]"),
-    (["--n", "abc"], r"argument --n: 'abc' must be an integer"),
-    (["--out", "x.txt"], r"argument --out: 'x.txt': unsupported file type '.txt'; use .npz or .fits"),
-    (["--noise-scale", "-1"], r"argument --noise-scale: -1 must be a number in \[0, 100\]"),
-    (["--source", "cosmos"], r"--source cosmos needs --catalog-dir"),
-    (["--population", "matched"], r"--population matched needs --target-catalog"),
-    (["--ring", "--n", "3"], r"--n must be even"),
-    (["--noise-kernel", "nope.npy"], r"argument --noise-kernel: 'nope.npy': no such file"),
-    (["--backend", "cuda"], r"argument --backend: invalid choice: 'cuda'"),
+    (["n=0"], r"n = 0: must be an integer in \[1, 100000000\]"),
+    (["n=-5"], r"n = -5: must be an integer in \[1, 100000000\]"),
+    (["n=abc"], r"n = 'abc' \(a string\): must be an integer"),
+    (["out=x.txt"], r"out = 'x.txt': must be a file path ending in .npz, .fits or .fit"),
+    (["data.noise_scale=-1"], r"data.noise_scale = -1: must be a number in \[0, 100\]"),
+    (["population=matched"], r"population = 'matched' needs data.target_catalog"),
+    (["ring=true", "n=3"], r"n = 3 must be even: ring = true renders 90-degree ring pairs"),
+    (["data.noise_kernel=nope.npy"], r"data.noise_kernel = 'nope.npy': must be null or the path of an existing "
+                                     r"file ending in .npy or .txt"),
+    (["data.backend=cuda"], r"data.backend = 'cuda': must be one of 'galsim', 'torch'"),
+    (["nokey=1"], r"Could not override 'nokey'"),
 ])
 def test_render_cli_rejects_bad_arguments_before_rendering(tmp_path, capsys, monkeypatch, args, message):
     import re
 
     from wlshear.sim import render
+    from wlshear.tasks.render import main
 
     def boom(*a, **k):  # rendering must never start
         raise AssertionError("rendered despite bad arguments")
 
     monkeypatch.setattr(render.StampRenderer, "simulate", boom)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_:
-        render.main(args)
-    assert exit_.value.code == 2
-    assert re.search(message, capsys.readouterr().err)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
     assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_render_cli_all_failed_writes_nothing(tmp_path, monkeypatch, capsys):
     from wlshear.sim import render
+    from wlshear.tasks.render import main
 
     empty = render.StampBatch(np.zeros((0, 32, 32), np.float32), {k: np.zeros(0) for k in render.META_KEYS},
                               [(1, "GalSimError: boom")] * 4)
     monkeypatch.setattr(render.StampRenderer, "simulate", lambda self, *a, **k: empty)
-    assert render.main(["--n", "4", "--out", str(tmp_path / "s.npz")]) == 1
+    assert main(["n=4", f"out={tmp_path / 's.npz'}"]) == 1
     assert "all 4 stamps failed to render (nothing written)" in capsys.readouterr().err
     assert not (tmp_path / "s.npz").exists()
 
@@ -552,30 +576,38 @@ def test_simulate_checks_n_and_empty_batches_save():
 
 
 @pytest.mark.parametrize("module, args, message", [
-    ("wlshear.clash.mock", ["--out", "o", "--size", "10"], r"argument --size: 10 must be an integer in \[64, 100000\]"),
-    ("wlshear.clash.mock", ["--out", "o", "--noise-scale", "0"], r"argument --noise-scale: 0 must be a number in \(0, 100\]"),
-    ("wlshear.clash.mock", ["--out", "o", "--z-source", "0.2"], r"--z-source 0.2 must be beyond --z-lens 0.3"),
-    ("wlshear.clash.noise_kernel", ["--image", "a.fits", "--out", "k.npy", "--size", "6"], r"--size: 6 must be odd"),
+    ("wlshear.tasks.mock_field", ["out=o", "mock.size=10"], r"mock.size = 10: must be an integer in \[64, 100000\]"),
+    ("wlshear.tasks.mock_field", ["out=o", "data.noise_scale=0"], r"data.noise_scale = 0: must be a number in \(0, 100\]"),
+    ("wlshear.tasks.mock_field", ["out=o", "mock.z_source=0.2"], r"mock.z_source = 0.2 must be beyond mock.z_lens = 0.3"),
+    ("wlshear.tasks.mock_field", ["out=o", "mock.center=[1,2,3]"], r"mock.center = \[1, 2, 3\]: must be null or a list of 2"),
+    ("wlshear.tasks.mock_field", [], r"required but unset: out"),
+    ("wlshear.tasks.noise_kernel", ["image=a.fits", "out=k.npy"], r"image = 'a.fits': must be the path of an existing"),
+    ("wlshear.tasks.noise_kernel", ["image=b.fits", "out=k.npy", "size=6"], r"size = 6 must be odd"),
+    ("wlshear.tasks.summarize", [], r"required but unset: dir"),
 ])
 def test_other_clis_check_their_numbers(tmp_path, capsys, monkeypatch, module, args, message):
     import importlib
     import re
 
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_:
-        importlib.import_module(module).main(args)
-    assert exit_.value.code == 2 and re.search(message, capsys.readouterr().err)
-    assert not list(tmp_path.iterdir())
-
-
-def test_fit_surface_checks_its_data_config_first(tmp_path, monkeypatch):
-    import importlib
-
-    from wlshear.utils.validate import FIT_SURFACE_RULES, ConfigError, problems
-
-    fit_surface = importlib.import_module("wlshear.calibration.fit_surface")  # the package exports a function too
+    from astropy.io import fits
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=r"data.noise_scale = -1: must be a number in \[0, 100\]"):
-        fit_surface.main(["--estimator", "missing.pt", "--out", "o.pt", "data.noise_scale=-1"])
-    assert problems(fit_surface.compose_data([]), FIT_SURFACE_RULES) == []
+    fits.PrimaryHDU(np.zeros((8, 8), np.float32)).writeto(tmp_path / "b.fits")
+    assert importlib.import_module(module).main(args) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert [p.name for p in tmp_path.iterdir()] == ["b.fits"]  # nothing written
+
+
+def test_fit_surface_checks_its_data_config_first(tmp_path, monkeypatch, capsys):
+    import re
+
+    from wlshear.tasks.fit_surface import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "e.pt").write_bytes(b"")
+    assert main(["estimator=missing.pt", "out=o.pt", "data.noise_scale=-1"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"data.noise_scale = -1: must be a number in \[0, 100\]", err)
+    assert re.search(r"estimator = 'missing.pt': must be the path of an existing file ending in .pt or .ckpt", err)
+    assert main(["estimator=e.pt", "out=o.pt", "surface.n=41"]) == 2
+    assert "surface.n = 41 must be even" in capsys.readouterr().err

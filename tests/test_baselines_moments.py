@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from wlshear.baselines.moments import MomentsEstimator, gaussian_response, moments_ellipticity
-from wlshear.baselines.photometry import half_light_radius, measure_observables
+from wlshear.observables import half_light_radius, measure_observables
 
 SCALE = 0.065
 PSF = galsim.Gaussian(fwhm=0.121)

@@ -1,5 +1,5 @@
-"""Registry and the common interface: every baseline gives finite estimates on simple galaxies
-and flags a flat (all-zero) and a NaN stamp as failed."""
+"""The baseline configs (conf/baselines, built by _target_) and the common interface: every baseline
+gives finite estimates on simple galaxies and flags a flat (all-zero) and a NaN stamp as failed."""
 
 import importlib.util
 from pathlib import Path
@@ -8,7 +8,10 @@ import galsim
 import numpy as np
 import pytest
 
-from wlshear.baselines import BASELINES, get_baseline
+from hydra.errors import HydraException
+from hydra.utils import get_class
+
+from wlshear.utils.hydra import CONF_DIR, compose_config
 
 RELEASE = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wlenet_release")
 PSF = galsim.Gaussian(fwhm=0.121)
@@ -34,9 +37,19 @@ def _galaxies():
     return np.stack(out).astype(np.float32)
 
 
-@pytest.mark.parametrize("name", sorted(BASELINES))
+BASELINES = sorted(p.stem for p in (CONF_DIR / "baselines").glob("*.yaml"))
+
+
+def test_evaluate_uses_every_baseline_config():
+    assert BASELINES == ["fpfs", "ksb", "moments", "regauss", "wlenet"]
+    assert sorted(compose_config("evaluate").baselines) == BASELINES
+
+
+@pytest.mark.parametrize("name", BASELINES)
 def test_common_interface(name):
-    est = get_baseline(name, **_kwargs(name))
+    spec = dict(compose_config("evaluate", [f"baselines=[{name}]"]).baselines[name])
+    kw = {k: v for k, v in spec.items() if k != "_target_" and v is not None}
+    est = get_class(spec["_target_"])(**{**kw, **_kwargs(name)})
     assert est.name == name
     gals = _galaxies()
     stamps = np.concatenate([gals, np.zeros((1, 32, 32), np.float32),
@@ -51,5 +64,5 @@ def test_common_interface(name):
 
 
 def test_unknown_baseline():
-    with pytest.raises(ValueError, match="unknown baseline"):
-        get_baseline("nope")
+    with pytest.raises(HydraException, match="nope"):
+        compose_config("evaluate", ["baselines=[nope]"])

@@ -15,10 +15,10 @@ from wlshear.clash.cuts import (
     CUT_STAR,
     apply_cuts,
     classify_stars,
-    plot_star_galaxy,
 )
 from wlshear.clash.detection import detect_sources, match_catalogue
 from wlshear.clash.stamps import STAMP_EDGE, STAMP_EMPTY, extract_stamps
+from wlshear.metrics.plots import plot_star_galaxy
 
 ZP = 25.4193
 NOISE = 0.0036  # counts, ~ the CLASH total-image per-pixel sigma

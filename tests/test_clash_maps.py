@@ -13,11 +13,11 @@ from wlshear.clash.maps import (
     bootstrap_maps,
     make_grid,
     map_at,
-    plot_whiskers,
     shear_map,
     smooth_at,
     write_map_fits,
 )
+from wlshear.metrics.plots import plot_whiskers
 
 
 def _catalogue(n, size=1000, rng=0, g=(0.05, -0.03), noise=0.25):

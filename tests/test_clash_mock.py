@@ -10,7 +10,9 @@ from astropy.io import fits
 from astropy.table import Table
 
 from wlshear.clash.io import DEFAULT_FILTERS, SCI_PATTERN, WHT_PATTERN, celestial_wcs, load_field, read_catalogue
-from wlshear.clash.mock import MockConfig, add_stamps, make_mock_field, main, nfw_magnification, sample_positions
+from wlshear.clash.lensing import nfw_magnification
+from wlshear.clash.mock import MockConfig, add_stamps, make_mock_field, sample_positions
+from wlshear.tasks.mock_field import main
 
 
 @pytest.fixture(scope="module")
@@ -129,5 +131,4 @@ def test_helpers_and_cli_errors(tmp_path):
     assert img.sum() == 6 and img[8:, :3].all()
     with pytest.raises(ValueError, match="masked_filter"):
         make_mock_field(MockConfig(masked_filter="f999w", size=100, n_galaxies=1, progress=False), tmp_path)
-    with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path), "--center", "1 2 3"])
+    assert main([f"out={tmp_path}", "mock.center=[1,2,3]"]) == 2

@@ -4,7 +4,8 @@ import numpy as np
 from astropy.io import fits
 from scipy import signal
 
-from wlshear.clash.noise_kernel import main, measure_noise_kernel
+from wlshear.clash.noise_kernel import measure_noise_kernel
+from wlshear.tasks.noise_kernel import main
 
 # K_bg of docs method.md ("CLASH field analysis"), image counts x 1e-5, rows top to bottom
 K_BG = 1e-5 * np.array(
@@ -53,7 +54,7 @@ def test_unmasked_sources_would_bias_and_cli_writes_files(tmp_path):
     img, ivar = _synthetic(400, seed=6, n_src=10)
     fits.PrimaryHDU(img.astype(">f4")).writeto(tmp_path / "total.fits")
     fits.PrimaryHDU(ivar.astype(">f4")).writeto(tmp_path / "ivar.fits")
-    rc = main(["--image", str(tmp_path / "total.fits"), "--weight", str(tmp_path / "ivar.fits"), "--out", str(tmp_path / "kernel.npy")])
+    rc = main([f"image={tmp_path / 'total.fits'}", f"weight={tmp_path / 'ivar.fits'}", f"out={tmp_path / 'kernel.npy'}"])
     assert rc == 0
     k = np.load(tmp_path / "kernel.npy")
     np.testing.assert_allclose(np.loadtxt(tmp_path / "kernel.txt"), k, rtol=1e-5)

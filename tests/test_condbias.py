@@ -15,9 +15,10 @@ from wlshear.metrics.bias import fit_bias
 from wlshear.metrics.conditional import conditional_rows, pair_mean_observable
 from wlshear.models.architectures import PaperCNN
 from wlshear.models.estimator import ShearEstimator, load_estimator
-from wlshear.models.objectives import ConditionalBiasLoss, MSEObjective, build_objective, group_slopes
+from wlshear.sim.constants import FAST_GSPARAMS
+from wlshear.models.objectives import ConditionalBiasLoss, MSEObjective, group_slopes
 
-FAST_GSP = dict(minimum_fft_size=64, folding_threshold=1e-2, maxk_threshold=3e-3)
+FAST_GSP = FAST_GSPARAMS
 
 
 def _synthetic(n=20000, seed=0, noise=0.03):
@@ -91,7 +92,7 @@ def test_estimator_with_surface_roundtrip(tmp_path):
     est = ShearEstimator(PaperCNN(), calibration={"m1": 0.05, "c2": 0.001})
     plain = est.predict(stamps, symmetrize=False)
     # a surface with a strong magnitude dependence of m
-    from wlshear.baselines.photometry import measure_observables
+    from wlshear.observables import measure_observables
 
     obs = measure_observables(stamps)
     surf = CalibrationSurface(["mag"], basis="poly", degree=1, center=[float(np.nanmedian(obs["mag"]))],
@@ -135,10 +136,11 @@ def test_objective_penalty():
     total, parts = loss(shrunk, g, groups)
     assert float(total) == pytest.approx(float(parts["mse"] + parts["slope_penalty"]), rel=1e-6)
     assert float(loss(shrunk, g, None)[0]) == pytest.approx(float(MSEObjective()(shrunk, g)[0]))
-    assert isinstance(build_objective(None), MSEObjective)
-    assert isinstance(build_objective({"name": "condbias", "slope_weight": 2.0}), ConditionalBiasLoss)
-    with pytest.raises(ValueError, match="unknown objective"):
-        build_objective("huber")
+    from wlshear.models.module import ShearRegressor
+
+    assert isinstance(ShearRegressor(PaperCNN()).objective, MSEObjective)  # the default: the paper's loss
+    with pytest.raises(ValueError, match="objective must be a callable"):
+        ShearRegressor(PaperCNN(), objective="huber")
 
 
 def _tiny_renderer(noise=True):
@@ -181,7 +183,7 @@ def test_regressor_trains_on_groups():
     from wlshear.models.module import ShearRegressor
 
     torch.manual_seed(0)
-    model = ShearRegressor(PaperCNN(), objective={"name": "condbias", "slope_weight": 1.0})
+    model = ShearRegressor(PaperCNN(), objective=ConditionalBiasLoss(slope_weight=1.0))
     x = torch.randn(3, 4, 32, 32)
     y = torch.rand(3, 4, 2) * 0.4 - 0.2
     loss = model.training_step((x, y), 0)
@@ -213,7 +215,7 @@ def test_evaluate_conditional_study(tmp_path):
     over = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'out'}",
             f"paths.cache_dir={tmp_path / 'cache'}", "extras.print_config=false",
             "data.source.n_galaxies=100", "data.source.p_knots=0.0", "test.n=48", "bootstrap=0",
-            f"run_dir={est_path.parent}", "baselines.names=[moments]", "studies.baselines=[moments]",
+            f"run_dir={est_path.parent}", "baselines=[moments]", "studies.baselines=[moments]",
             "symmetrize=[true]", "plots.scatter=false",
             "studies.centroid.enabled=false", "studies.background.enabled=false", "studies.noise.enabled=false",
             "studies.shear.enabled=false", "studies.magnitude.enabled=false",
@@ -245,11 +247,12 @@ def test_train_task_with_condbias_objective(tmp_path):
             f"paths.cache_dir={tmp_path / 'cache'}", "debug=fast", "model=paper_cnn_condbias", "data=grouped",
             "data.group_size=4", "data.samples_per_epoch=64", "data.val_size=16", "data.test_size=16",
             "refit.n=48", f"model.init_from={init}"])
-    assert cfg.data._target_.endswith("GroupedShearDataModule") and cfg.model.objective.name == "condbias"
+    assert cfg.data._target_.endswith("GroupedShearDataModule") and cfg.model.objective._target_.endswith("ConditionalBiasLoss")
     metrics = run(cfg)
     assert np.isfinite(metrics["val_mse"])
     est = load_estimator(tmp_path / "run" / "estimator.pt")
-    assert est.metadata["config"]["model"]["objective"]["name"] == "condbias"
+    assert est.metadata["config"]["model"]["objective"]["_target_"].endswith("ConditionalBiasLoss")
+    assert est.metadata["config"]["model"]["objective"]["slope_weight"] == 5.0
 
 
 def test_select_surface_prefers_adequate_model():

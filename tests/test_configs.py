@@ -104,7 +104,7 @@ def test_callbacks_instantiate(tmp_path, name):
 def test_logger_options_instantiate_into_tmp(tmp_path, name):
     from lightning.pytorch.loggers import WandbLogger
 
-    from wlshear.tasks.train import build_loggers
+    from wlshear.tasks.tracking import build_loggers
 
     cfg = _compose(tmp_path, [f"logger={name}"])
     loggers = build_loggers(cfg, tmp_path, None)
@@ -175,7 +175,7 @@ def test_paper_clash_experiment(tmp_path):
 
 
 def test_paper_clash_requires_target_catalog(tmp_path):
-    from wlshear.tasks.train import check_required
+    from wlshear.tasks.preflight import check_required
 
     cfg = _compose(tmp_path, ["experiment=paper_clash"])
     with pytest.raises(ValueError, match="data.target_catalog"):
@@ -282,3 +282,24 @@ def test_cosmos_real_100_source_when_present(tmp_path):
                               "data.target_catalog=x.csv"])
     src = instantiate(cfg.data.source)
     assert len(src) > 0
+
+
+NOISE_LEVELS = {"full": 1.0, "half": 0.5, "quarter": 0.25, "none": 0.0}
+
+
+def test_every_noise_group_has_its_level():
+    assert set(options("data/noise")) == set(NOISE_LEVELS)
+
+
+@pytest.mark.parametrize("experiment", [None, *options("experiment")])
+@pytest.mark.parametrize("noise", sorted(NOISE_LEVELS))
+def test_every_experiment_composes_with_every_noise_group(tmp_path, experiment, noise):
+    """data/noise=<level> sets the noise whatever the experiment (paper_clash used to pin
+    data.noise_scale: 1.0, so `experiment=paper_clash data/noise=half` trained at full noise)."""
+    over = ([f"experiment={experiment}"] if experiment else []) + [f"data/noise={noise}"]
+    cfg = _compose(tmp_path, over)
+    assert cfg.data.noise_scale == NOISE_LEVELS[noise], (experiment, noise)
+    # a value on the command line still wins over the group, and the group over the default
+    assert _compose(tmp_path, [*over, "data.noise_scale=0.3"]).data.noise_scale == 0.3
+    default = _compose(tmp_path, [f"experiment={experiment}"] if experiment else [])
+    assert default.data.noise_scale == 1.0

@@ -20,7 +20,8 @@ from wlshear.clash.lensing import shear_profile
 from wlshear.clash.mock import MockConfig, make_mock_field
 from wlshear.models.architectures import PaperCNN
 from wlshear.models.estimator import ShearEstimator
-from wlshear.tasks.infer_clash import nfw_gt_model, run
+from wlshear.clash.lensing import nfw_gt_model
+from wlshear.tasks.infer_clash import run
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "mockc"

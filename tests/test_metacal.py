@@ -25,7 +25,8 @@ from wlshear.models.estimator import ShearEstimator
 from wlshear.sim.augment import Augmentation
 from wlshear.sim.metacal import MetacalOperator, MetacalSettings, counterfactual_matrix, shear_matrix
 from wlshear.sim.noise import CorrelatedNoise
-from wlshear.sim.render import StampRenderer, build_source
+from wlshear.sim.render import StampRenderer
+from wlshear.sim.sources import ParametricSource
 
 from conftest import FAST_GSPARAMS
 
@@ -123,7 +124,7 @@ def test_matrix_properties():
 
 @pytest.fixture(scope="module")
 def noiseless_pairs():
-    src = build_source("parametric", gsparams=FAST_GSPARAMS)
+    src = ParametricSource(gsparams=FAST_GSPARAMS)
     r = StampRenderer(src, None, Augmentation().test_mode(), backend="torch", gsparams=FAST_GSPARAMS)
     batch, design = r.render_shear_pairs(np.arange(60), 1, 0.02, seed=3)
     return batch, design
@@ -247,7 +248,7 @@ def test_ensemble_and_selection_responses():
 
 
 def test_pair_bias_recovers_known_m_and_c():
-    src = build_source("parametric", gsparams=FAST_GSPARAMS)
+    src = ParametricSource(gsparams=FAST_GSPARAMS)
     from wlshear.sim.augment import shear_pair_params
 
     params, groups, design = shear_pair_params(np.arange(50), 4, 0.02, np.random.default_rng(0))
@@ -298,7 +299,7 @@ def test_evaluate_metacal_study(tmp_path, cosmos_real_dir):
         cfg = compose("evaluate.yaml", overrides=[
             f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}",
             "extras.print_config=false", "data.source.n_galaxies=200", "data.source.p_knots=0.0", "test.n=32",
-            "bootstrap=10", f"run_dir={est.parent}", "baselines.names=[moments,ksb]", "studies.baselines=[moments]",
+            "bootstrap=10", f"run_dir={est.parent}", "baselines=[moments,ksb]", "studies.baselines=[moments]",
             *off, f"studies.metacal.real.dir={cosmos_real_dir}", "studies.metacal.real.n_orient=1"])
     run(cfg)
     out = tmp_path / "out"
@@ -378,8 +379,7 @@ def test_estimator_metacal_takes_margin_stamps():
 
 
 def _mask_stage_bias(cosmos_real_dir, stage):
-    from wlshear.baselines import get_baseline
-    from wlshear.metrics.shear_pairs import binned_pair_bias
+    from wlshear.baselines import MomentsEstimator
     from wlshear.sim.sources import CosmosSource
 
     src = CosmosSource(cosmos_real_dir, file_name="real_galaxy_catalog_26_extension_example.fits",
@@ -388,7 +388,7 @@ def _mask_stage_bias(cosmos_real_dir, stage):
     ids = np.arange(min(12, len(src)))
     batch, design = r.render_shear_pairs(ids, 3, 0.02, seed=4)
     op = MetacalOperator(MetacalSettings(fixnoise=False, noise_scale=0.0))
-    res = metacal_measure(get_baseline("moments").estimate, op, batch.stamps)
+    res = metacal_measure(MomentsEstimator().estimate, op, batch.stamps)
     return pair_bias(res["g"], design, 0.02, R=res["R"], n_boot=50, rng=0), batch
 
 

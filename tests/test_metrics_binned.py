@@ -5,7 +5,7 @@ import csv
 import numpy as np
 
 from wlshear.metrics.binned import bin_edges, binned_bias, to_csv, to_markdown
-from wlshear.metrics.plots import plot_binned, plot_shear_scatter, plot_stamp_grid
+from wlshear.metrics.plots import plot_shear_scatter, plot_stamp_grid, plot_study
 
 
 def _data(n=6000, seed=0):
@@ -60,9 +60,9 @@ def test_plots_write_files(tmp_path):
     failed = np.zeros(len(mag), bool)
     failed[0] = True
     p1 = plot_shear_scatter(g, est, tmp_path / "scatter.png", failed=failed)
-    rows_a = binned_bias(mag, g, est, bins=4, quantity="mag")
-    rows_b = binned_bias(mag, g, 0.9 * est, bins=4, quantity="mag")
-    p2 = plot_binned({"a": rows_a, "b": rows_b}, tmp_path / "binned.png", quantity="mag")
+    rows_a = binned_bias(mag, g, est, bins=4, quantity="mag", extra={"estimator": "a"})
+    rows_b = binned_bias(mag, g, 0.9 * est, bins=4, quantity="mag", extra={"estimator": "b"})
+    p2 = plot_study(rows_a + rows_b, "mag_mean", tmp_path / "binned.png", "mag", stats=("sigma", "m"))
     stamps = np.random.default_rng(0).normal(size=(10, 32, 32))
     p3 = plot_stamp_grid(stamps, tmp_path / "grid.png", ncols=4, titles=list(range(10)))
     for p in (p1, p2, p3):

@@ -23,7 +23,8 @@ How each command is run (one test per command, in document order: README.md, the
   leave behind must be finite.
 
 After each command its outputs are checked: the new run or sweep directory under the copy's
-``outputs/`` with each job's result file, ``--out`` files, summary tables with every job ``ok``.
+``outputs/`` with each job's result file, ``out=`` files of ``python -m wlshear.tasks.<name>``, summary
+tables with every job ``ok``.
 """
 
 from __future__ import annotations
@@ -194,11 +195,12 @@ def run_python(argv: list[str], repo: Path, env: dict, where: str) -> None:
             assert json.loads((jobs[0] / "run_summary.json").read_text())["n_failed"] == 0
         return
     _run(argv, repo, env, where)
-    if "--out" in argv:
-        out = repo / argv[argv.index("--out") + 1]
+    args = dict(a.split("=", 1) for a in argv[3:] if "=" in a) if argv[1:2] == ["-m"] else {}
+    if "out" in args:  # python -m wlshear.tasks.<name> ... out=PATH
+        out = repo / args["out"]
         assert out.exists() and (out.is_file() or any(out.iterdir())), f"{where}: {out} not written"
-    if argv[1:3] == ["-m", "wlshear.summarize"]:
-        sweep = repo / argv[3]
+    if argv[1:3] == ["-m", "wlshear.tasks.summarize"]:
+        sweep = repo / args["dir"]
         rows = list(csv.DictReader(open(sweep / "summary.csv")))
         n_jobs = len([p for p in sweep.iterdir() if p.name.isdigit()])
         assert len(rows) == n_jobs >= 2 and {r["status"] for r in rows} == {"ok"}, rows

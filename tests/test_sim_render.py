@@ -194,10 +194,10 @@ def test_parametric_population_resembles_clash():
 
 
 def test_render_cli_writes_stamps_and_grid(tmp_path):
-    from wlshear.sim.render import main
+    from wlshear.tasks.render import main
 
     out = tmp_path / "st.fits"
-    assert main(["--n", "8", "--out", str(out), "--test-mode", "--seed", "2"]) == 0
+    assert main(["n=8", f"out={out}", "test_mode=true", "seed=2"]) == 0
     b = StampBatch.load(out)
     assert b.stamps.shape == (8, 32, 32) and np.all(b.meta["dx"] == 0)
     assert (tmp_path / "st.png").stat().st_size > 1000

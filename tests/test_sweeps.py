@@ -1,5 +1,5 @@
 """Multiruns of train.py: a two-architecture sweep from the default paths of a fresh clone (no sweep,
-run or paths overrides) summarised with `python -m wlshear.summarize`, the demo-scale noise sweep of
+run or paths overrides) summarised with `python -m wlshear.tasks.summarize`, the demo-scale noise sweep of
 experiment=paper_clash (two jobs, two run dirs, each with its resolved config, checkpoints and
 metrics.json), its summary table/plot, and a two-trial Optuna search. Subprocesses, tiny settings
 (a few seconds of training per job)."""
@@ -64,7 +64,7 @@ def test_noise_sweep_multirun_and_summary(tmp_path):
         assert m["run_dir"] == str(j) and np.isfinite(m["val_mse"])
     assert noise == [1.0, 0.5]
 
-    p = subprocess.run([sys.executable, "-m", "wlshear.summarize", str(sweep)], cwd=REPO, env=_env(tmp_path),
+    p = subprocess.run([sys.executable, "-m", "wlshear.tasks.summarize", f"dir={sweep}"], cwd=REPO, env=_env(tmp_path),
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
@@ -80,7 +80,7 @@ def test_noise_sweep_multirun_and_summary(tmp_path):
 
 def test_default_path_multirun_and_summary(tmp_path):
     """What a new user types in a fresh clone: `python train.py -m debug=fast model=paper_cnn,wide_cnn`
-    then `python -m wlshear.summarize outputs/train/multiruns/<time>`. The sweep lands in
+    then `python -m wlshear.tasks.summarize dir=outputs/train/multiruns/<time>`. The sweep lands in
     <clone>/outputs/train/multiruns/<time>/{0,1}, both jobs share <clone>/data_cache, the refit size
     follows each architecture, and the summary lists both jobs as ok."""
     repo = copy_repo(tmp_path / "clone")
@@ -106,7 +106,7 @@ def test_default_path_multirun_and_summary(tmp_path):
     assert cache == ["refit", "refit", "test", "val"]
 
     rel = str(sweep.relative_to(repo))  # as typed, relative to the clone
-    p = subprocess.run([sys.executable, "-m", "wlshear.summarize", rel], cwd=repo, env=env, capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "wlshear.tasks.summarize", f"dir={rel}"], cwd=repo, env=env, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
@@ -128,7 +128,7 @@ def _fake_job(root: Path, num: int, model: str, noise: float, sigma: float | Non
 
 
 def test_summarize_groups_by_architecture_and_reports_incomplete_jobs(tmp_path):
-    from wlshear.summarize import summarize
+    from wlshear.tasks.summarize import summarize
 
     grid = [("paper_cnn", 1.0, 0.30), ("paper_cnn", 0.5, 0.25), ("wide_cnn", 1.0, 0.28), ("wide_cnn", 0.5, None)]
     for i, (model, noise, sigma) in enumerate(grid):
@@ -144,9 +144,9 @@ def test_summarize_groups_by_architecture_and_reports_incomplete_jobs(tmp_path):
 
 
 def test_summarize_rejects_empty_dir(tmp_path):
-    from wlshear.summarize import main
+    from wlshear.tasks.summarize import main
 
-    assert main([str(tmp_path)]) == 2
+    assert main([f"dir={tmp_path}"]) == 2
 
 
 def test_optuna_search_two_trials(tmp_path):

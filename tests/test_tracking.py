@@ -70,7 +70,7 @@ def test_resume_continues_training_scheduler_and_wandb_run(tmp_path):
 def test_resolve_ckpt_path_auto_resume(tmp_path):
     from omegaconf import OmegaConf
 
-    from wlshear.tasks.train import resolve_ckpt_path
+    from wlshear.tasks.tracking import resolve_ckpt_path
 
     cfg = OmegaConf.create({"ckpt_path": None, "auto_resume": True})
     assert resolve_ckpt_path(cfg, tmp_path) is None  # fresh run dir
@@ -85,7 +85,7 @@ def test_resolve_ckpt_path_auto_resume(tmp_path):
 
 
 def test_wandb_id_lookup_order(tmp_path):
-    from wlshear.tasks.train import wandb_run_id
+    from wlshear.tasks.tracking import wandb_run_id
 
     old = tmp_path / "old"
     (old / "checkpoints").mkdir(parents=True)

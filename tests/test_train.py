@@ -70,3 +70,13 @@ def test_short_run_learns_on_low_noise_simple_galaxies(tmp_path):
     ])
     metrics = run(cfg)
     assert metrics["val_mse"] < 0.5 * metrics["val_mse_prior"], metrics["val_mse"]
+
+
+def test_run_restores_the_float32_matmul_precision(tmp_path):
+    """train.run trains with 'medium' matmul precision (bf16 on CPUs that have it) but must not leave
+    it set: later code in the process (metacal, evaluate) would silently lose precision."""
+    import torch
+
+    before = torch.get_float32_matmul_precision()
+    run(_cfg(tmp_path, ["debug=fast", "refit.enabled=false", "evaluate.enabled=false"]))
+    assert torch.get_float32_matmul_precision() == before

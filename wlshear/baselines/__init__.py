@@ -4,7 +4,7 @@ Every baseline is a class with a ``name`` and ``estimate(stamps) -> (g, failed)`
 float ``(N, 32, 32)`` array (axis order y, x; counts), ``g`` a float64 ``(N, 2)`` array of
 (g1, g2) with NaN rows where ``failed`` (``(N,)`` bool) is True. See ``docs/CONVENTIONS.md``.
 
-``BASELINES`` maps names to classes; ``get_baseline(name, **kw)`` instantiates one:
+evaluate.py builds them from ``conf/baselines/*.yaml`` by ``_target_`` (``baselines=[moments,ksb]``):
 
 - ``moments``: released RRG-like weighted moments (returns un-calibrated chi);
 - ``ksb`` / ``regauss``: GalSim HSM KSB (shear) and REGAUSS (distortion -> shear);
@@ -22,20 +22,15 @@ import numpy as np
 from .fpfs import FPFSEstimator
 from .hsm import KSBEstimator, REGAUSSEstimator
 from .moments import MomentsEstimator
-from .photometry import half_light_radius, measure_observables
 from .wlenet import WLENetEstimator
 
 __all__ = [
-    "BASELINES",
     "Estimator",
-    "get_baseline",
     "MomentsEstimator",
     "KSBEstimator",
     "REGAUSSEstimator",
     "FPFSEstimator",
     "WLENetEstimator",
-    "half_light_radius",
-    "measure_observables",
 ]
 
 
@@ -46,19 +41,4 @@ class Estimator(Protocol):
 
     def estimate(self, stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
-
-BASELINES: dict[str, type] = {
-    "moments": MomentsEstimator,
-    "ksb": KSBEstimator,
-    "regauss": REGAUSSEstimator,
-    "fpfs": FPFSEstimator,
-    "wlenet": WLENetEstimator,
-}
-
-
-def get_baseline(name: str, **kw) -> Estimator:
-    """Instantiate the baseline called ``name`` (case-insensitive) with keyword arguments ``kw``."""
-    key = name.lower()
-    if key not in BASELINES:
-        raise ValueError(f"unknown baseline {name!r}; choose one of {sorted(BASELINES)}")
-    return BASELINES[key](**kw)
+    # optional: ``whole_batch`` True when the estimate depends on the whole batch (never split it)

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .photometry import as_stamp_batch
+from wlshear.observables import as_stamp_batch
+from wlshear.sim.constants import PIXEL_SCALE, PSF_FWHM
 
 __all__ = ["FPFSEstimator", "ANACAL_TESTED_VERSION"]
 
 ANACAL_TESTED_VERSION = "0.8.3"
-PIXEL_SCALE = 0.065
-PSF_FWHM = 0.121
 CLASH_NOISE_SIGMA = 3.60e-3  # counts per pixel (sqrt of the sum of squares of K_bg)
 
 
@@ -82,6 +81,11 @@ class FPFSEstimator:
         self.psf_fwhm = float(psf_fwhm)
         self.pixel_scale = float(pixel_scale)
         self._setup: dict[int, tuple] = {}
+
+    @property
+    def whole_batch(self) -> bool:
+        """The 'ensemble' response is measured on the whole batch: callers must not split it."""
+        return self.response == "ensemble"
 
     def _prepare(self, npix: int):
         if npix in self._setup:

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .photometry import as_stamp_batch
+from wlshear.observables import as_stamp_batch
+from wlshear.sim.constants import PIXEL_SCALE, PSF_FWHM
 
 __all__ = ["gaussian_psf_image", "HSMEstimator", "KSBEstimator", "REGAUSSEstimator"]
 
-PIXEL_SCALE = 0.065  # arcsec / px
-PSF_FWHM = 0.121  # arcsec
 
 
 def gaussian_psf_image(fwhm: float = PSF_FWHM, pixel_scale: float = PIXEL_SCALE, size: int = 32):

@@ -3,7 +3,7 @@
 Recipe (``shared/method.md``, "Moments baseline as released"):
 
 1. weight width ``w`` = half-light radius measured on the stamp (pixels,
-   :func:`wlshear.baselines.photometry.half_light_radius`);
+   :func:`wlshear.observables.half_light_radius`);
 2. Gaussian-weighted second moments about the stamp centre (x, y) = (15.5, 15.5)::
 
        Q_ij = sum W I d_i d_j / sum W I,   W = exp(-r^2 / (2 w^2)),   d = (x - 15.5, y - 15.5)
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .photometry import DEFAULT_APERTURE_RADIUS, as_stamp_batch, half_light_radius, stamp_radii
+from wlshear.observables import DEFAULT_APERTURE_RADIUS, as_stamp_batch, half_light_radius, stamp_radii
 
 __all__ = ["SIGMA_PSF_PX", "moments_ellipticity", "gaussian_response", "MomentsEstimator"]
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .photometry import as_stamp_batch
+from wlshear.observables import as_stamp_batch
 
 __all__ = ["WLENetEstimator", "default_release_dir", "release_files", "NOISE_LEVELS"]
 

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from wlshear.calibration.surface import fit_surface
+from wlshear.metrics.conditional import chi2_zero_m, conditional_rows
 
 __all__ = ["select_surface", "residual_chi2", "default_candidates"]
 
@@ -43,16 +44,11 @@ def residual_chi2(g_true, g_est, observables: dict, pair_ids, failed=None, bins=
     """``chi2(m=0)``, its dof, ``max |m|`` and the RMS error per galaxy for one set of estimates.
 
     Bins are quantiles of the pair-mean observables (``wlshear.metrics.conditional``)."""
-    from wlshear.metrics.conditional import conditional_rows
-
     bins = dict(SCORE_BINS if bins is None else bins)
     rows = conditional_rows(g_true, {"e": (g_est, failed)}, observables, pair_ids, bins)
-    vals = [(r[f"m{k}"], r[f"m{k}_err"]) for r in rows if "m1" in r for k in (1, 2)]
     g_est = np.asarray(g_est, dtype=np.float64)
     ok = np.all(np.isfinite(g_est), 1) & (np.ones(len(g_est), bool) if failed is None else ~np.asarray(failed, bool))
-    return {"chi2": float(sum((m / e) ** 2 for m, e in vals)), "dof": len(vals),
-            "max_abs_m": float(max(abs(m) for m, _ in vals)),
-            "sigma": float(np.sqrt(np.mean((g_est[ok] - np.asarray(g_true)[ok]) ** 2)))}
+    return {**chi2_zero_m(rows), "sigma": float(np.sqrt(np.mean((g_est[ok] - np.asarray(g_true)[ok]) ** 2)))}
 
 
 def _subset(obs: dict, sel) -> dict:

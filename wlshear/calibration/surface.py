@@ -7,7 +7,7 @@ models, per component k,
     g_est,k = (1 + m_k(o)) g_true,k + c_k(o)
 
 where ``o`` are observables *measured on the stamp* (never the truth) with
-:func:`wlshear.baselines.photometry.measure_observables`: aperture magnitude ``mag`` (CLASH
+:func:`wlshear.observables.measure_observables`: aperture magnitude ``mag`` (CLASH
 zero-point), half-light radius ``hlr_px`` [pixels] and ``snr``. ``m_k`` and ``c_k`` are linear
 combinations of basis functions of the features
 
@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from wlshear.observables import measure_observables
 from wlshear.utils.plain import to_plain
 
 __all__ = ["CalibrationSurface", "fit_surface", "pair_means", "FEATURES", "features_from_observables"]
@@ -201,8 +202,6 @@ class CalibrationSurface:
 
     def measure(self, stamps) -> dict:
         """Observables of ``stamps`` with the measurement settings the surface was fitted with."""
-        from wlshear.baselines.photometry import measure_observables
-
         return measure_observables(stamps, **self.observable_kwargs)
 
     def apply_to_stamps(self, g, stamps) -> np.ndarray:
@@ -244,7 +243,7 @@ class CalibrationSurface:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no calibration surface at {path}; fit one with "
-                                    "`python -m wlshear.calibration.fit_surface`")
+                                    "`python -m wlshear.tasks.fit_surface`")
         return cls.from_dict(json.loads(path.read_text()))
 
     def __repr__(self) -> str:
@@ -302,10 +301,38 @@ def fit_surface(g_true, g_est, observables: dict, pair_ids=None, failed=None,
     x = features_from_observables(observables, features)
     if len(x) != len(g_true):
         raise ValueError(f"observables have {len(x)} rows, shears {len(g_true)}")
+    rows = _fit_rows(g_true, g_est, x, pair_ids, failed)
+    gt, _ = pair_means(rows["g_true"], rows["pairs"])
+    xf, _ = pair_means(rows["x"], rows["pairs"])
+    if len(gt) < 10:
+        raise ValueError(f"too few usable galaxies/pairs ({len(gt)}) to fit a calibration surface")
+    surf = CalibrationSurface(features, basis=basis, degree=degree, min_response=min_response,
+                              observable_kwargs=observable_kwargs,
+                              **_feature_ranges(xf, len(features), clip_quantiles, basis, n_knots))
+    xp, filled = surf.prepare(xf)
+    xr, filled_rows = surf.prepare(rows["x"])
+    B_rows = surf.design(xr)
+    if pair_averaged_basis and pair_ids is not None:
+        # the pair mean of the members' own m(o), c(o): consistent with the per-galaxy correction,
+        # which uses each member's own (noisy) observables
+        B, _ = pair_means(B_rows, rows["pairs"])
+    else:
+        B = surf.design(xp)
+    surf.coef_m, surf.coef_c, rms, m_err_mean = _fit_stages(B, B_rows, gt, rows["g_est"], rows["pairs"], n_stages,
+                                                            ridge, min_response)
+    surf.diagnostics = {"n_fit": int(len(gt)), "paired": pair_ids is not None, "n_rows": rows["n_rows"],
+                        "n_filled_pairs": int(filled.sum()), "n_filled_rows": int(filled_rows.sum()),
+                        "n_stages": int(n_stages), "rms_residual": rms.tolist(),
+                        "mean_m_err": m_err_mean.tolist(), "ridge": float(ridge)}
+    return surf
+
+
+def _fit_rows(g_true, g_est, x, pair_ids, failed) -> dict:
+    """The rows a surface is fitted on: usable rows (finite, not failed), whole pairs only; their
+    pair ids (each row its own "pair" without ring pairs) and the count of usable rows."""
     ok = np.all(np.isfinite(g_true), 1) & np.all(np.isfinite(g_est), 1)
     if failed is not None:
         ok &= ~np.asarray(failed, dtype=bool)
-    n_rows = int(ok.sum())
     if pair_ids is not None:
         _, inv = np.unique(np.asarray(pair_ids), return_inverse=True)
         bad_pair = np.bincount(inv, weights=(~ok).astype(float)) > 0
@@ -314,24 +341,23 @@ def fit_surface(g_true, g_est, observables: dict, pair_ids=None, failed=None,
     else:
         keep = ok
         pk = np.arange(int(ok.sum()))  # every row its own "pair"
-    gt_r, ge_r, x_r = g_true[keep], g_est[keep], x[keep]
-    gt, _ = pair_means(gt_r, pk)
-    xf, _ = pair_means(x_r, pk)
-    n = len(gt)
-    if n < 10:
-        raise ValueError(f"too few usable galaxies/pairs ({n}) to fit a calibration surface")
+    return {"g_true": g_true[keep], "g_est": g_est[keep], "x": x[keep], "pairs": pk, "n_rows": int(ok.sum())}
+
+
+def _feature_ranges(xf, n_features: int, clip_quantiles, basis: str, n_knots: int) -> dict:
+    """Fill values (medians), clip range (quantiles), centre, scale and (basis linear) knots of the
+    features ``xf`` (pair means)."""
     finite = np.isfinite(xf)
-    fill = np.array([np.median(xf[finite[:, j], j]) if finite[:, j].any() else 0.0 for j in range(len(features))])
+    fill = np.array([np.median(xf[finite[:, j], j]) if finite[:, j].any() else 0.0 for j in range(n_features)])
     qlo, qhi = clip_quantiles
-    lo = np.array([np.quantile(xf[finite[:, j], j], qlo) for j in range(len(features))])
-    hi = np.array([np.quantile(xf[finite[:, j], j], qhi) for j in range(len(features))])
-    center = fill.copy()
-    scale = np.array([max(np.std(np.clip(xf[finite[:, j], j], lo[j], hi[j])), 1e-6) for j in range(len(features))])
+    lo = np.array([np.quantile(xf[finite[:, j], j], qlo) for j in range(n_features)])
+    hi = np.array([np.quantile(xf[finite[:, j], j], qhi) for j in range(n_features)])
+    scale = np.array([max(np.std(np.clip(xf[finite[:, j], j], lo[j], hi[j])), 1e-6) for j in range(n_features)])
     knots = []
     if basis == "linear":
         if n_knots < 1:
             raise ValueError(f"n_knots must be >= 1, got {n_knots}")
-        for j in range(len(features)):
+        for j in range(n_features):
             if n_knots == 1:
                 knots.append(np.array([fill[j]]))
                 continue
@@ -339,26 +365,20 @@ def fit_surface(g_true, g_est, observables: dict, pair_ids=None, failed=None,
             # knots at the centres (in quantile) of n_knots equal-count bins, plus the range ends
             q = np.quantile(xj, (np.arange(n_knots) + 0.5) / n_knots)
             knots.append(np.unique(np.concatenate([[lo[j]], q, [hi[j]]])))
-    surf = CalibrationSurface(features, basis=basis, degree=degree, center=center, scale=scale, knots=knots,
-                              lo=lo, hi=hi, fill=fill, min_response=min_response,
-                              observable_kwargs=observable_kwargs)
-    xp, filled = surf.prepare(xf)
-    xr, filled_rows = surf.prepare(x_r)
-    B_rows = surf.design(xr)
-    if pair_averaged_basis and pair_ids is not None:
-        # the pair mean of the members' own m(o), c(o): consistent with the per-galaxy correction,
-        # which uses each member's own (noisy) observables
-        B, _ = pair_means(B_rows, pk)
-    else:
-        B = surf.design(xp)
+    return {"center": fill.copy(), "scale": scale, "knots": knots, "lo": lo, "hi": hi, "fill": fill}
+
+
+def _fit_stages(B, B_rows, gt, ge_rows, pairs, n_stages: int, ridge: float, min_response: float):
+    """Successive ridge least-squares stages of m(o), c(o) per component, each on the output of
+    the previous ones; returns (coef_m, coef_c, rms residual per stage, mean m error of stage 1)."""
     nb = B.shape[1]
     coef_m = np.zeros((n_stages, 2, nb))
     coef_c = np.zeros((n_stages, 2, nb))
     rms = np.zeros((n_stages, 2))
     m_err_mean = np.zeros(2)
-    ge_cur = ge_r.copy()
+    ge_cur = ge_rows.copy()
     for st in range(n_stages):
-        ge, _ = pair_means(ge_cur, pk)
+        ge, _ = pair_means(ge_cur, pairs)
         for k in range(2):
             X = np.concatenate([B * gt[:, k:k + 1], B], axis=1)
             y = ge[:, k] - gt[:, k]
@@ -376,9 +396,4 @@ def fit_surface(g_true, g_est, observables: dict, pair_ids=None, failed=None,
         # this stage's per-galaxy correction, each member at its own observables
         m_s, c_s = B_rows @ coef_m[st].T, B_rows @ coef_c[st].T
         ge_cur = (ge_cur - c_s) / np.maximum(1.0 + m_s, min_response)
-    surf.coef_m, surf.coef_c = coef_m, coef_c
-    surf.diagnostics = {"n_fit": int(n), "paired": pair_ids is not None, "n_rows": n_rows,
-                        "n_filled_pairs": int(filled.sum()), "n_filled_rows": int(filled_rows.sum()),
-                        "n_stages": int(n_stages), "rms_residual": rms.tolist(),
-                        "mean_m_err": m_err_mean.tolist(), "ridge": float(ridge)}
-    return surf
+    return coef_m, coef_c, rms, m_err_mean

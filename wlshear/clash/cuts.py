@@ -35,11 +35,11 @@ explicitly (``d_star``, ``d_tol``, ``r_star_max``).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 
-from .io import PIXEL_SCALE
+from wlshear.sim.constants import PIXEL_SCALE, PSF_FWHM
+
 from .stamps import STAMP_SIZE, stamp_inside, stamp_origin
 
 CUT_EDGE = 1
@@ -57,15 +57,12 @@ CUT_NAMES = {
     CUT_UNMATCHED: "unmatched",
 }
 
-PSF_FWHM_ARCSEC = 0.121
-
-
-def psf_half_light_radius(fwhm_arcsec: float = PSF_FWHM_ARCSEC, pixel_scale: float = PIXEL_SCALE) -> float:
+def psf_half_light_radius(fwhm_arcsec: float = PSF_FWHM, pixel_scale: float = PIXEL_SCALE) -> float:
     """Half-light radius in pixels of a circular Gaussian PSF: sigma * sqrt(2 ln 2) = FWHM / 2."""
     return 0.5 * fwhm_arcsec / pixel_scale
 
 
-def psf_mu_minus_mag(fwhm_arcsec: float = PSF_FWHM_ARCSEC, pixel_scale: float = PIXEL_SCALE) -> float:
+def psf_mu_minus_mag(fwhm_arcsec: float = PSF_FWHM, pixel_scale: float = PIXEL_SCALE) -> float:
     """Expected ``mu_max - mag`` of a Gaussian point source (peak pixel, averaged over sub-pixel
     centring), independent of the zero point: -2.5 log10(peak_fraction / pixel_scale**2)."""
     sigma = fwhm_arcsec / pixel_scale / (2 * math.sqrt(2 * math.log(2)))
@@ -90,13 +87,41 @@ def _robust_sigma(v: np.ndarray) -> float:
     return 1.4826 * float(np.median(np.abs(v - np.median(v))))
 
 
+def _stellar_locus(dc, rc, centre0: float, d_star, min_stars: int) -> tuple:
+    """(d_fit, d_sig, r_fit, r_sig, n_locus) of the stellar locus among candidates with
+    ``dc = mu_max - mag`` and radii ``rc``: the mode of the smoothed histogram of ``dc`` within
+    +-1.5 mag of ``centre0`` (or ``d_star``), refined by iterative 3-sigma-clipped medians; NaN
+    (and the locus size) when fewer than ``min_stars`` candidates sit on it."""
+    d_fit, d_sig, r_fit, r_sig, n_locus = np.nan, np.nan, np.nan, np.nan, 0
+    if dc.size < min_stars:
+        return d_fit, d_sig, r_fit, r_sig, n_locus
+    edges = np.arange(centre0 - 1.5, centre0 + 1.5 + 1e-9, 0.05)
+    h, _ = np.histogram(dc, bins=edges)
+    hs = np.convolve(h, np.exp(-0.5 * (np.arange(-4, 5) / 2.0) ** 2), mode="same")
+    centre = 0.5 * (edges[np.argmax(hs)] + edges[np.argmax(hs) + 1]) if hs.max() > 0 else centre0
+    if d_star is not None:
+        centre = d_star
+    sel = np.abs(dc - centre) < 0.5
+    for _ in range(5):
+        if sel.sum() < 2:
+            break
+        centre = float(np.median(dc[sel])) if d_star is None else d_star
+        s = max(_robust_sigma(dc[sel]), 0.02)
+        sel = np.abs(dc - centre) < max(3 * s, 0.1)
+    n_locus = int(sel.sum())
+    if n_locus >= min_stars:
+        d_fit, d_sig = centre, _robust_sigma(dc[sel])
+        r_fit, r_sig = float(np.median(rc[sel])), _robust_sigma(rc[sel])
+    return d_fit, d_sig, r_fit, r_sig, n_locus
+
+
 def classify_stars(
     mag,
     mu_max,
     radius,
     *,
     pixel_scale: float = PIXEL_SCALE,
-    psf_fwhm_arcsec: float = PSF_FWHM_ARCSEC,
+    psf_fwhm_arcsec: float = PSF_FWHM,
     mag_faint: float | None = None,
     r_candidate_max: float | None = None,
     d_star: float | None = None,
@@ -137,27 +162,8 @@ def classify_stars(
     d_fit, d_sig, r_fit, r_sig, n_locus = np.nan, np.nan, np.nan, np.nan, 0
     if method == "auto":
         cand = bright & (r < r_candidate_max)
-        dc, rc = d[cand], r[cand]
-        if dc.size >= min_stars:
-            # mode of the smoothed histogram of d within +-1.5 mag of the PSF prediction
-            centre0 = d_psf if d_star is None else d_star
-            edges = np.arange(centre0 - 1.5, centre0 + 1.5 + 1e-9, 0.05)
-            h, _ = np.histogram(dc, bins=edges)
-            hs = np.convolve(h, np.exp(-0.5 * (np.arange(-4, 5) / 2.0) ** 2), mode="same")
-            centre = 0.5 * (edges[np.argmax(hs)] + edges[np.argmax(hs) + 1]) if hs.max() > 0 else centre0
-            if d_star is not None:
-                centre = d_star
-            sel = np.abs(dc - centre) < 0.5
-            for _ in range(5):
-                if sel.sum() < 2:
-                    break
-                centre = float(np.median(dc[sel])) if d_star is None else d_star
-                s = max(_robust_sigma(dc[sel]), 0.02)
-                sel = np.abs(dc - centre) < max(3 * s, 0.1)
-            n_locus = int(sel.sum())
-            if n_locus >= min_stars:
-                d_fit, d_sig = centre, _robust_sigma(dc[sel])
-                r_fit, r_sig = float(np.median(rc[sel])), _robust_sigma(rc[sel])
+        d_fit, d_sig, r_fit, r_sig, n_locus = _stellar_locus(d[cand], r[cand], d_psf if d_star is None else d_star,
+                                                             d_star, min_stars)
         if np.isfinite(d_fit):
             d_use = d_fit if d_star is None else d_star
             tol_use = max(d_tol_min, 3 * d_sig) if d_tol is None else d_tol
@@ -269,32 +275,3 @@ def _names(det):
 def describe_flags(flags) -> list[str]:
     """Human-readable names of the bits set in each flag value."""
     return [",".join(name for bit, name in CUT_NAMES.items() if int(f) & bit) or "ok" for f in np.asarray(flags)]
-
-
-def plot_star_galaxy(det, is_star, path: str | Path, star_params: dict | None = None, title: str = "") -> Path:
-    """Save a PNG of the (mag, mu_max) and (mag, flux_radius) planes, stars red, galaxies blue."""
-    from matplotlib.figure import Figure
-
-    mag = np.asarray(det["mag"], dtype=np.float64)
-    mu = np.asarray(det["mu_max"], dtype=np.float64)
-    r = np.asarray(det["flux_radius"], dtype=np.float64)
-    s = np.asarray(is_star, dtype=bool)
-    fig = Figure(figsize=(11, 4.5))
-    axes = fig.subplots(1, 2)
-    for ax, yv, ylab in ((axes[0], mu, r"$\mu_{\max}$ [mag arcsec$^{-2}$]"), (axes[1], r, "half-light radius [px]")):
-        ax.scatter(mag[~s], yv[~s], s=3, c="tab:blue", alpha=0.5, label=f"galaxies ({(~s).sum()})")
-        ax.scatter(mag[s], yv[s], s=6, c="tab:red", label=f"stars ({s.sum()})")
-        ax.set_xlabel("magnitude")
-        ax.set_ylabel(ylab)
-        ax.legend(loc="best", fontsize=8)
-    if star_params is not None and np.isfinite(star_params.get("d_star", np.nan)):
-        mm = np.linspace(np.nanmin(mag), np.nanmax(mag), 2) if np.isfinite(mag).any() else np.array([20, 28])
-        for sgn in (-1, 0, 1):
-            axes[0].plot(mm, mm + star_params["d_star"] + sgn * star_params["d_tol"], "k-" if sgn == 0 else "k:", lw=0.8)
-        axes[1].axhline(star_params["r_star_max"], color="k", ls=":", lw=0.8)
-    axes[1].set_yscale("log")
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    return path

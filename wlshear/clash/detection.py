@@ -32,7 +32,7 @@ from astropy import units as u
 from astropy.coordinates import SkyCoord
 from astropy.table import Table
 
-from .io import PIXEL_SCALE, ZEROPOINT
+from wlshear.sim.constants import PIXEL_SCALE, ZP_CLASH
 
 FLAG_KRON_FAILED = 512
 
@@ -42,7 +42,7 @@ def _native(a) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(a), dtype=np.float64)
 
 
-def flux_to_mag(flux, zeropoint: float = ZEROPOINT) -> np.ndarray:
+def flux_to_mag(flux, zeropoint: float = ZP_CLASH) -> np.ndarray:
     flux = np.asarray(flux, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(flux > 0, zeropoint - 2.5 * np.log10(np.where(flux > 0, flux, 1.0)), np.nan)
@@ -58,7 +58,7 @@ def detect_sources(
     minarea: int = 9,
     deblend_nthresh: int = 32,
     deblend_cont: float = 0.0015,
-    zeropoint: float = ZEROPOINT,
+    zeropoint: float = ZP_CLASH,
     pixel_scale: float = PIXEL_SCALE,
     bkg_box: int = 64,
     bkg_filter: int = 3,
@@ -90,6 +90,24 @@ def detect_sources(
     -------
     Table of detections (columns in the module docstring) [, segmap].
     """
+    data, err, mask = _masked_inputs(image, ivar, bad)
+    if subtract_background:
+        bkg = sep.Background(data, mask=mask, bw=bkg_box, bh=bkg_box, fw=bkg_filter, fh=bkg_filter)
+        data = _native(data - bkg.back())
+        data[mask] = 0.0
+    objs, segmap = _extract(data, err, mask, thresh, minarea, deblend_nthresh, deblend_cont, filter_kernel)
+    phot = _photometry(data, err, mask, objs, segmap, mask_neighbours)
+    table = _detection_table(objs, phot, wcs, zeropoint, pixel_scale)
+    table.meta.update(
+        {"zeropoint": zeropoint, "pixel_scale": pixel_scale, "thresh": thresh, "minarea": minarea}
+    )
+    if return_segmap:
+        return table, np.asarray(segmap, dtype=np.int32)
+    return table
+
+
+def _masked_inputs(image, ivar, bad):
+    """(image with masked pixels 0, per-pixel error 1/sqrt(ivar) (1e30 where masked), mask)."""
     data = _native(image)
     ivar = _native(ivar)
     if data.ndim != 2 or data.shape != ivar.shape:
@@ -105,14 +123,11 @@ def detect_sources(
     data = np.where(mask, 0.0, data)
     with np.errstate(divide="ignore"):
         err = np.where(mask, 1e30, 1.0 / np.sqrt(np.where(mask, 1.0, ivar)))
-    err = _native(err)
-    mask = np.ascontiguousarray(mask)
+    return data, _native(err), np.ascontiguousarray(mask)
 
-    if subtract_background:
-        bkg = sep.Background(data, mask=mask, bw=bkg_box, bh=bkg_box, fw=bkg_filter, fh=bkg_filter)
-        data = _native(data - bkg.back())
-        data[mask] = 0.0
 
+def _extract(data, err, mask, thresh, minarea, deblend_nthresh, deblend_cont, filter_kernel):
+    """``sep.extract`` with the segmentation map; (objects, segmap)."""
     kwargs = dict(
         thresh=thresh,
         err=err,
@@ -130,13 +145,16 @@ def detect_sources(
     sep.set_extract_pixstack(int(min(max(300_000, data.size), 20_000_000)))
     sep.set_sub_object_limit(4096)
     try:
-        objs, segmap = sep.extract(data, **kwargs)
+        return sep.extract(data, **kwargs)
     except Exception as exc:
         raise RuntimeError(
             f"sep.extract failed on a {data.shape} image ({exc}); try a higher threshold or "
             "check the ivar map"
         ) from exc
 
+
+def _photometry(data, err, mask, objs, segmap, mask_neighbours: bool) -> dict:
+    """Kron ("AUTO") flux (isophotal where Kron fails), its error, half-light radius and flags."""
     n = len(objs)
     x = np.ascontiguousarray(objs["x"], dtype=np.float64)
     y = np.ascontiguousarray(objs["y"], dtype=np.float64)
@@ -145,39 +163,42 @@ def detect_sources(
     theta = np.ascontiguousarray(objs["theta"], dtype=np.float64)
     flags = np.asarray(objs["flag"], dtype=np.int64).copy()
     flux_iso = np.asarray(objs["flux"], dtype=np.float64)
+    out = {"x": x, "y": y, "a": a, "b": b, "theta": theta, "flux_iso": flux_iso, "flux": flux_iso.copy(),
+           "flux_err": np.full(n, np.nan), "radius": np.full(n, np.nan), "flags": flags}
+    if not n:
+        return out
+    # Kron ("AUTO") photometry; sep needs strictly positive finite shapes
+    a_s = np.where(np.isfinite(a) & (a > 0), a, 1.0)
+    b_s = np.where(np.isfinite(b) & (b > 0), b, 1.0)
+    t_s = np.clip(np.where(np.isfinite(theta), theta, 0.0), -np.pi / 2, np.pi / 2)
+    seg_kw = {}
+    if mask_neighbours:  # ignore pixels of other detections (SExtractor-like)
+        seg_kw = {"seg_id": np.arange(1, n + 1, dtype=np.int32), "segmap": np.ascontiguousarray(segmap, dtype=np.int32)}
+    kronrad, kflag = sep.kron_radius(data, x, y, a_s, b_s, t_s, 6.0, mask=mask, **seg_kw)
+    kronrad = np.where(np.isfinite(kronrad) & (kronrad > 0), kronrad, 0.0)
+    r_k = np.maximum(2.5 * kronrad, 3.5)
+    fk, fk_err, fkflag = sep.sum_ellipse(
+        data, x, y, a_s, b_s, t_s, r_k, err=err, mask=mask, subpix=1, **seg_kw
+    )
+    flags |= np.asarray(kflag, dtype=np.int64) | np.asarray(fkflag, dtype=np.int64)
+    ok = np.isfinite(fk) & (fk > 0) & (kronrad > 0)
+    flux = np.where(ok, fk, flux_iso)
+    out["flux"], out["flux_err"] = flux, np.where(ok, fk_err, np.nan)
+    flags[~ok] |= FLAG_KRON_FAILED
+    rmax = np.maximum(6.0 * a_s, 3.0)
+    norm = np.where(flux > 0, flux, np.abs(flux) + 1e-30)
+    radius, rflag = sep.flux_radius(
+        data, x, y, _native(rmax), 0.5, normflux=_native(norm), mask=mask, subpix=5
+    )
+    out["radius"] = np.asarray(radius, dtype=np.float64)
+    flags |= np.asarray(rflag, dtype=np.int64)
+    return out
+
+
+def _detection_table(objs, phot: dict, wcs, zeropoint: float, pixel_scale: float) -> Table:
+    """The output table (module docstring) of the photometry."""
+    n, x, y = len(objs), phot["x"], phot["y"]
     peak = np.asarray(objs["peak"], dtype=np.float64)
-
-    flux = flux_iso.copy()
-    flux_err = np.full(n, np.nan)
-    radius = np.full(n, np.nan)
-    if n:
-        # Kron ("AUTO") photometry; sep needs strictly positive finite shapes
-        a_s = np.where(np.isfinite(a) & (a > 0), a, 1.0)
-        b_s = np.where(np.isfinite(b) & (b > 0), b, 1.0)
-        t_s = np.clip(np.where(np.isfinite(theta), theta, 0.0), -np.pi / 2, np.pi / 2)
-        seg_kw = {}
-        if mask_neighbours:  # ignore pixels of other detections (SExtractor-like)
-            seg_kw = {"seg_id": np.arange(1, n + 1, dtype=np.int32), "segmap": np.ascontiguousarray(segmap, dtype=np.int32)}
-        kronrad, kflag = sep.kron_radius(data, x, y, a_s, b_s, t_s, 6.0, mask=mask, **seg_kw)
-        kronrad = np.where(np.isfinite(kronrad) & (kronrad > 0), kronrad, 0.0)
-        r_k = np.maximum(2.5 * kronrad, 3.5)
-        fk, fk_err, fkflag = sep.sum_ellipse(
-            data, x, y, a_s, b_s, t_s, r_k, err=err, mask=mask, subpix=1, **seg_kw
-        )
-        flags |= np.asarray(kflag, dtype=np.int64) | np.asarray(fkflag, dtype=np.int64)
-        ok = np.isfinite(fk) & (fk > 0) & (kronrad > 0)
-        flux = np.where(ok, fk, flux_iso)
-        flux_err = np.where(ok, fk_err, np.nan)
-        flags[~ok] |= FLAG_KRON_FAILED
-        rmax = np.maximum(6.0 * a_s, 3.0)
-        norm = np.where(flux > 0, flux, np.abs(flux) + 1e-30)
-        radius, rflag = sep.flux_radius(
-            data, x, y, _native(rmax), 0.5, normflux=_native(norm), mask=mask, subpix=5
-        )
-        radius = np.asarray(radius, dtype=np.float64)
-        flags |= np.asarray(rflag, dtype=np.int64)
-
-    mag = flux_to_mag(flux, zeropoint)
     with np.errstate(divide="ignore", invalid="ignore"):
         mu_max = np.where(
             peak > 0,
@@ -190,34 +211,27 @@ def detect_sources(
     else:
         ra = np.full(n, np.nan)
         dec = np.full(n, np.nan)
-
-    table = Table(
+    return Table(
         {
             "id": np.arange(n, dtype=np.int64),
             "x": x,
             "y": y,
             "ra": ra,
             "dec": dec,
-            "flux": flux,
-            "flux_err": flux_err,
-            "flux_iso": flux_iso,
-            "mag": mag,
-            "flux_radius": radius,
+            "flux": phot["flux"],
+            "flux_err": phot["flux_err"],
+            "flux_iso": phot["flux_iso"],
+            "mag": flux_to_mag(phot["flux"], zeropoint),
+            "flux_radius": phot["radius"],
             "peak": peak,
             "mu_max": mu_max,
-            "a": a,
-            "b": b,
-            "theta": theta,
+            "a": phot["a"],
+            "b": phot["b"],
+            "theta": phot["theta"],
             "npix": np.asarray(objs["npix"], dtype=np.int64),
-            "flags": flags,
+            "flags": phot["flags"],
         }
     )
-    table.meta.update(
-        {"zeropoint": zeropoint, "pixel_scale": pixel_scale, "thresh": thresh, "minarea": minarea}
-    )
-    if return_segmap:
-        return table, np.asarray(segmap, dtype=np.int32)
-    return table
 
 
 def _coords(obj) -> SkyCoord:

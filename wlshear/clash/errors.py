@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import optimize
 
-from .io import PIXEL_SCALE
+from wlshear.sim.constants import PIXEL_SCALE
 from .maps import bootstrap_at, smooth_at
 
 

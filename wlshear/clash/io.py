@@ -31,12 +31,12 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS, FITSFixedWarning
 
+from wlshear.sim.constants import PIXEL_SCALE
+
 DEFAULT_FILTERS: tuple[str, ...] = ("f435w", "f475w", "f606w", "f625w", "f775w", "f814w", "f850lp")
 SCI_PATTERN = "hlsp_clash_hst_acs-65mas_{cluster}_{filter}_v1_drz.fits"
 WHT_PATTERN = "hlsp_clash_hst_acs-65mas_{cluster}_{filter}_v1_wht.fits"
 CATALOGUE_PATTERN = "hlsp_clash_hst_acs-ir_{cluster}_cat.txt"
-PIXEL_SCALE = 0.065  # arcsec / px
-ZEROPOINT = 25.4193  # AB mag of 1 count/s in the CLASH mosaics
 
 RA_NAMES = ("ra", "alpha_j2000", "raj2000", "ra_deg", "alpha")
 DEC_NAMES = ("dec", "delta_j2000", "dej2000", "decj2000", "dec_deg", "delta")
@@ -289,7 +289,7 @@ def load_field(
 def write_field(field_: Field, image_path: str | Path, ivar_path: str | Path | None = None) -> None:
     """Write the total image (and optionally its inverse variance) as FITS with the field WCS.
 
-    Useful input for ``python -m wlshear.clash.noise_kernel --image ... --weight ...``.
+    Useful input for ``python -m wlshear.tasks.noise_kernel image=... weight=...``.
     """
     hdr = field_.wcs.to_header()
     hdr["CLUSTER"] = field_.cluster

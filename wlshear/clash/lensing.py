@@ -1,4 +1,5 @@
-"""NFW cluster lens model, lensing efficiency and tangential-shear profiles.
+"""All lensing maths of the package: the NFW cluster lens, lensing efficiency, magnification, reduced
+shear and tangential-shear profiles.
 
 Cosmology: flat LCDM with Omega_m = 0.27, H0 = 70 km/s/Mpc (astropy ``FlatLambdaCDM``).
 
@@ -129,6 +130,19 @@ def nfw_kappa_gamma(R_arcsec, m200: float, conc: float, z_lens: float, z_source:
         return np.zeros_like(R), np.zeros_like(R)
     sig, sig_bar = nfw_sigma(R, m200, conc, z_lens, cosmo)
     return sig / sc, (sig_bar - sig) / sc
+
+
+def nfw_magnification(g1, g2, kappa) -> np.ndarray:
+    """mu = 1 / ((1 - kappa)^2 - |gamma|^2) with gamma = g (1 - kappa)."""
+    g2abs = np.asarray(g1) ** 2 + np.asarray(g2) ** 2
+    return 1.0 / ((1.0 - np.asarray(kappa)) ** 2 * (1.0 - g2abs))
+
+
+def nfw_gt_model(r_arcsec, truth: dict) -> np.ndarray:
+    """Reduced tangential shear g_t = gamma_t / (1 - kappa) of the truth NFW at radii [arcsec]."""
+    kappa, gamma = nfw_kappa_gamma(np.asarray(r_arcsec, dtype=np.float64), truth["m200"], truth["conc"],
+                                   truth["z_lens"], truth["z_source"])
+    return gamma / (1.0 - kappa)
 
 
 def shear_components(gt, dx, dy, gx=0.0):

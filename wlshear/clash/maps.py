@@ -29,7 +29,7 @@ import numpy as np
 from astropy.io import fits
 from scipy import ndimage
 
-from .io import PIXEL_SCALE
+from wlshear.sim.constants import PIXEL_SCALE
 
 DEFAULT_SCALES_ARCSEC = (6.5, 13.0, 19.5, 26.0)
 _BLOCK = 2048  # galaxies per block in the kernel sums
@@ -338,58 +338,4 @@ def write_map_fits(path: str | Path, maps: dict, grid: MapGrid, image_wcs=None, 
         hdus.append(fits.ImageHDU(arr, header=hdr0.copy(), name=str(name).upper()))
     path = Path(path)
     fits.HDUList(hdus).writeto(path, overwrite=True)
-    return path
-
-
-def plot_whiskers(
-    g1map: np.ndarray,
-    g2map: np.ndarray,
-    grid: MapGrid,
-    path: str | Path,
-    every: int | None = None,
-    background: np.ndarray | None = None,
-    stick_scale: float | None = None,
-    title: str = "",
-) -> Path:
-    """PNG shear-stick plot in image-pixel coordinates.
-
-    Sticks have length proportional to |g| and position angle 0.5 * atan2(g2, g1) measured from
-    the +x axis towards +y (g1 > 0 horizontal). ``every`` thins the grid (default: ~25 sticks
-    per side); ``background`` (e.g. the total image) is shown in grey with origin lower;
-    ``stick_scale`` = image pixels per unit shear.
-    """
-    from matplotlib.figure import Figure
-
-    g1map = np.asarray(g1map, dtype=np.float64)
-    g2map = np.asarray(g2map, dtype=np.float64)
-    if every is None:
-        every = max(1, max(grid.shape) // 25)
-    xc, yc = grid.centers()
-    xs, ys = np.meshgrid(xc[::every], yc[::every])
-    g1 = g1map[::every, ::every]
-    g2 = g2map[::every, ::every]
-    amp = np.hypot(g1, g2)
-    phi = 0.5 * np.arctan2(g2, g1)
-    if stick_scale is None:
-        med = np.nanmax(amp) if np.isfinite(amp).any() and np.nanmax(amp) > 0 else 1.0
-        stick_scale = 0.9 * every * grid.step / med
-    fig = Figure(figsize=(7, 7))
-    ax = fig.subplots()
-    if background is not None:
-        bg = np.asarray(background, dtype=np.float64)
-        lo, hi = np.nanpercentile(bg, [5, 99.5])
-        ax.imshow(bg, origin="lower", cmap="gray_r", vmin=lo, vmax=hi)
-    ax.quiver(
-        xs, ys, amp * np.cos(phi), amp * np.sin(phi), angles="xy", scale_units="xy",
-        scale=1.0 / stick_scale, headwidth=0, headlength=0, headaxislength=0, pivot="middle",
-        color="tab:red", width=0.003,
-    )
-    ax.set_xlim(0, grid.nx * grid.step)
-    ax.set_ylim(0, grid.ny * grid.step)
-    ax.set_aspect("equal")
-    ax.set_xlabel("x [px]")
-    ax.set_ylabel("y [px]")
-    ax.set_title(title or f"shear sticks: length of one stick spacing = |g| {grid.step * every / stick_scale:.3f}")
-    path = Path(path)
-    fig.savefig(path, dpi=110)
     return path

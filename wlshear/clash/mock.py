@@ -38,44 +38,50 @@ exactly the intended total image and inverse variance. Regions:
 - *masked* rectangle: weight 50 (< 100) in one filter -> bad pixels after combining;
 - *NaN* square: NaN science pixels in one filter -> bad pixels.
 
-Command line::
+Command line (composes ``conf/mock_field.yaml``; the galaxies, noise and PSF come from the ``data``
+group, as train.py's)::
 
-    python -m wlshear.clash.mock --out outputs/clash_mock [--cluster mock] [--size 1200]
-        [--n-galaxies N] [--seed 0] [--m200 6e14] [--conc 4] [--z-lens 0.3] [--z-source 1.0]
+    python -m wlshear.tasks.mock_field out=outputs/clash_mock [mock.size=1200] [mock.m200=6e14]
+        [mock.n_galaxies=N] [seed=0] [data/source=cosmos_real_100] [data/noise=half]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from .io import DEFAULT_FILTERS, PIXEL_SCALE, SCI_PATTERN, WHT_PATTERN, ZEROPOINT
-from .lensing import nfw_reduced_shear
+from wlshear.baselines.moments import MomentsEstimator
+from wlshear.metrics.bias import fit_bias
+from wlshear.sim.augment import Augmentation, StampParams
+from wlshear.sim.constants import FAST_GSPARAMS, PIXEL_SCALE, PSF_FWHM, ZP_CLASH
+from wlshear.sim.noise import CorrelatedNoise
+from wlshear.sim.render import StampRenderer
+from wlshear.sim.sources import ParametricSource
+
+from .io import DEFAULT_FILTERS, SCI_PATTERN, WHT_PATTERN
+from .lensing import nfw_magnification, nfw_reduced_shear
 from .stamps import extract_stamps, stamp_origin
 
 log = logging.getLogger(__name__)
 
-FAST_GSPARAMS = dict(minimum_fft_size=64, folding_threshold=1e-2, maxk_threshold=3e-3)
-
-
 @dataclass
 class MockConfig:
-    """Parameters of a mock field (all also command-line options of ``python -m wlshear.clash.mock``).
+    """Parameters of a mock field (``conf/mock_field.yaml``: ``mock.*`` and the ``data`` group).
 
     Geometry: ``size`` (pixels, square field) at ``pixel_scale`` arcsec/px, WCS reference
     (``ra0``, ``dec0``) in degrees at the image centre. Galaxies: ``n_galaxies`` (None = 800 per
     1200x1200 px, i.e. ~470 per arcmin^2) uniform positions at least ``min_sep_px`` apart, drawn from
-    ``source`` (``parametric`` / ``cosmos`` / ``cosmos_parametric`` with ``catalog_dir``).
+    ``source`` (a :class:`~wlshear.sim.sources.GalaxySource`; None = the embedded parametric
+    population), convolved with the Gaussian PSF of FWHM ``psf_fwhm`` [arcsec].
     Lens: NFW of ``m200`` [Msun], concentration ``conc`` at ``z_lens`` for sources at ``z_source``,
     centred at ``center`` (pixels; None = image centre); ``magnification`` uses the NFW mu.
     Stars: ``n_stars`` PSF images with magnitudes uniform in ``star_mag_range``.
@@ -94,9 +100,8 @@ class MockConfig:
     filters: tuple = DEFAULT_FILTERS
     n_galaxies: int | None = None
     min_sep_px: float = 20.0
-    source: str = "parametric"
-    catalog_dir: str | None = None
-    source_kwargs: dict = field(default_factory=dict)
+    source: Any = None
+    psf_fwhm: float = PSF_FWHM
     stamp_size: int = 64
     m200: float = 6e14
     conc: float = 4.0
@@ -158,12 +163,6 @@ def _rect_slices(rect, shape) -> tuple[slice, slice] | None:
     return slice(ya, yb), slice(xa, xb)
 
 
-def nfw_magnification(g1, g2, kappa) -> np.ndarray:
-    """mu = 1 / ((1 - kappa)^2 - |gamma|^2) with gamma = g (1 - kappa)."""
-    g2abs = np.asarray(g1) ** 2 + np.asarray(g2) ** 2
-    return 1.0 / ((1.0 - np.asarray(kappa)) ** 2 * (1.0 - g2abs))
-
-
 def sample_positions(rng, n: int, shape, min_sep: float, accept=None, max_tries: int = 50) -> np.ndarray:
     """Uniform (x, y) pixel positions over the field, pairwise >= ``min_sep`` apart (greedy
     rejection on a cell hash), optionally restricted by ``accept(x, y) -> bool array``."""
@@ -221,29 +220,19 @@ def add_stamps(image: np.ndarray, stamps: np.ndarray, x, y) -> None:
         image[ya:yb, xa:xb] += st[ya - y0 : yb - y0, xa - x0 : xb - x0]
 
 
-def build_renderer(cfg: MockConfig):
+def build_renderer(cfg: MockConfig) -> StampRenderer:
     """The project's StampRenderer for the configured population (no noise: added field-wide)."""
-    from wlshear.sim.augment import Augmentation
-    from wlshear.sim.render import StampRenderer, build_source
-
-    src = build_source(cfg.source, cfg.catalog_dir, gsparams=cfg.gsparams, **dict(cfg.source_kwargs))
-    return StampRenderer(src, None, Augmentation().test_mode(), population="natural",
+    src = cfg.source if cfg.source is not None else ParametricSource(gsparams=cfg.gsparams)
+    return StampRenderer(src, None, Augmentation().test_mode(), population="natural", psf_fwhm=cfg.psf_fwhm,
                          pixel_scale=cfg.pixel_scale, gsparams=cfg.gsparams)
 
 
 def measure_baseline_response(renderer, noise, n: int = 1000, seed: int = 0) -> dict:
     """Response ``1 + m`` of the moments estimator on ``n`` ring-pair stamps of the renderer's
     population with ``noise`` (shape-noise cancelling), fitted g_est = (1 + m) g_true + c."""
-    from wlshear.baselines import get_baseline
-    from wlshear.metrics.bias import fit_bias
-    from wlshear.sim.render import StampRenderer
-
-    r = StampRenderer.__new__(StampRenderer)
-    r.__dict__.update(renderer.__dict__)
-    r.noise = noise
     n = max(2, n - n % 2)
-    batch = r.simulate(n, seed, ring=True)
-    chi, failed = get_baseline("moments").estimate(batch.stamps)
+    batch = renderer.with_noise(noise).simulate(n, seed, ring=True)
+    chi, failed = MomentsEstimator().estimate(batch.stamps)
     ok = ~failed & np.isfinite(chi).all(axis=1)
     fit = fit_bias(batch.shear.astype(np.float64), chi, failed=~ok, pair_ids=batch.meta["pair_id"])
     m = np.asarray(fit.m, dtype=np.float64)
@@ -251,124 +240,117 @@ def measure_baseline_response(renderer, noise, n: int = 1000, seed: int = 0) -> 
             "n": int(ok.sum()), "n_failed": int((~ok).sum())}
 
 
-# ----------------------------------------------------------------------------- main entry
+# ----------------------------------------------------------------------------- the field, step by step
 
 
-def make_mock_field(cfg: MockConfig, out_dir: str | Path) -> dict:
-    """Render a mock field and write every file (module docstring). Returns a summary dict with the
-    file paths and counts (also written as ``{cluster}_mock.json``)."""
-    from tqdm.auto import tqdm
+@dataclass
+class _Lens:
+    """The NFW lens of a mock: reduced shear and convergence at pixel positions."""
 
-    from wlshear.baselines import get_baseline
-    from wlshear.sim.augment import StampParams
-    from wlshear.sim.noise import CorrelatedNoise
+    cfg: MockConfig
+    center: tuple[float, float]
 
-    t0 = time.time()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.size < 64:
-        raise ValueError(f"mock field size must be >= 64 px, got {cfg.size}")
-    filters = list(cfg.filters)
-    if cfg.masked_rect is not None and cfg.masked_filter not in filters:
-        raise ValueError(f"masked_filter {cfg.masked_filter!r} is not one of the filters {filters}")
-    shape = (int(cfg.size), int(cfg.size))
-    ny, nx = shape
-    ss = np.random.SeedSequence(cfg.seed)
-    pos_seq, par_seq, noise_seq, star_seq, cal_seq = ss.spawn(5)
-    rng = np.random.default_rng(pos_seq)
-    center = ((nx - 1) / 2.0, (ny - 1) / 2.0) if cfg.center is None else tuple(float(v) for v in cfg.center)
-    ps = cfg.pixel_scale
+    def __call__(self, x, y):
+        ps = self.cfg.pixel_scale
+        return nfw_reduced_shear((x - self.center[0]) * ps, (y - self.center[1]) * ps, self.cfg.m200, self.cfg.conc,
+                                 self.cfg.z_lens, self.cfg.z_source, kappa_max=self.cfg.kappa_max)
 
-    def lens(x, y):
-        g1, g2, kappa = nfw_reduced_shear((x - center[0]) * ps, (y - center[1]) * ps, cfg.m200, cfg.conc,
-                                          cfg.z_lens, cfg.z_source, kappa_max=cfg.kappa_max)
-        return g1, g2, kappa
+    def weak(self, x, y) -> np.ndarray:
+        """Positions where the reduced shear is defined and weak (no strong-lensing core)."""
+        g1, g2, kappa = self(x, y)
+        return np.isfinite(g1) & np.isfinite(g2) & (np.hypot(g1, g2) < self.cfg.g_max) & (kappa < self.cfg.kappa_max)
 
-    def weak(x, y):
-        g1, g2, kappa = lens(x, y)
-        return np.isfinite(g1) & np.isfinite(g2) & (np.hypot(g1, g2) < cfg.g_max) & (kappa < cfg.kappa_max)
 
-    n_gal, n_star = cfg.n_gal(), int(cfg.n_stars)
-    xy = sample_positions(rng, n_gal + n_star, shape, cfg.min_sep_px, accept=weak)
-    gxy, sxy = xy[:n_gal], xy[n_gal:]
-
-    renderer = build_renderer(cfg)
-    prng = np.random.default_rng(par_seq)
+def _galaxy_params(cfg: MockConfig, renderer, lens: _Lens, gxy: np.ndarray, rng) -> tuple[StampParams, tuple]:
+    """Stamp parameters of every galaxy at positions ``gxy``; also (g1, g2, kappa, mu)."""
+    n_gal = len(gxy)
     g1, g2, kappa = lens(gxy[:, 0], gxy[:, 1])
     mu = nfw_magnification(g1, g2, kappa) if cfg.magnification else np.ones(n_gal)
     x0, y0 = stamp_origin(gxy[:, 0], gxy[:, 1], cfg.stamp_size)
     half = (cfg.stamp_size - 1) / 2.0
     params = StampParams(
-        galaxy_id=prng.choice(len(renderer.weights), size=n_gal, p=renderer.weights),
+        galaxy_id=rng.choice(len(renderer.weights), size=n_gal, p=renderer.weights),
         g1=g1, g2=g2,
-        rotation=prng.uniform(0.0, 2 * np.pi, n_gal),
-        mirror=prng.random(n_gal) < 0.5,
+        rotation=rng.uniform(0.0, 2 * np.pi, n_gal),
+        mirror=rng.random(n_gal) < 0.5,
         mu=mu,
         dx=gxy[:, 0] - (x0 + half),
         dy=gxy[:, 1] - (y0 + half),
     )
+    return params, (g1, g2, kappa, mu)
 
-    clean = np.zeros(shape, dtype=np.float64)
-    failures = []
-    chunk = 100
+
+def _draw_galaxies(cfg: MockConfig, renderer, params: StampParams, gxy, clean: np.ndarray) -> np.ndarray:
+    """Add every galaxy's noiseless stamp into ``clean``; returns the rendered (not failed) mask."""
+    from tqdm.auto import tqdm
+
+    n_gal, chunk, failures = len(gxy), 100, []
     it = range(0, n_gal, chunk)
     if cfg.progress:
         it = tqdm(it, desc=f"mock {cfg.cluster}: rendering {n_gal} galaxies", unit="chunk")
     for s in it:
-        sub = params.subset(slice(s, s + chunk))
-        imgs, fails = renderer.draw_noiseless(sub, size=cfg.stamp_size)
+        imgs, fails = renderer.draw_noiseless(params.subset(slice(s, s + chunk)), size=cfg.stamp_size)
         failures += [(int(s + i), msg) for i, msg in fails]
         add_stamps(clean, imgs, gxy[s : s + chunk, 0], gxy[s : s + chunk, 1])
     rendered = np.ones(n_gal, dtype=bool)
     for i, msg in failures:
         rendered[i] = False
         log.warning("mock: galaxy %d failed to render and is left out: %s", i, msg)
+    return rendered
 
-    # stars: the renderer's PSF at bright magnitudes
-    srng = np.random.default_rng(star_seq)
-    star_mag = srng.uniform(*cfg.star_mag_range, n_star)
-    sx0, sy0 = stamp_origin(sxy[:, 0], sxy[:, 1], cfg.stamp_size)
-    stars = np.empty((n_star, cfg.stamp_size, cfg.stamp_size))
+
+def _draw_stars(cfg: MockConfig, renderer, sxy: np.ndarray, clean: np.ndarray, rng) -> np.ndarray:
+    """Add stars (the renderer's PSF at bright magnitudes) into ``clean``; returns their magnitudes."""
+    n_star, size = len(sxy), cfg.stamp_size
+    star_mag = rng.uniform(*cfg.star_mag_range, n_star)
+    sx0, sy0 = stamp_origin(sxy[:, 0], sxy[:, 1], size)
+    half = (size - 1) / 2.0
+    stars = np.empty((n_star, size, size))
     for k in range(n_star):
-        flux = 10 ** (-0.4 * (star_mag[k] - ZEROPOINT))
+        flux = 10 ** (-0.4 * (star_mag[k] - ZP_CLASH))
         stars[k] = renderer.psf.withFlux(flux).drawImage(
-            nx=cfg.stamp_size, ny=cfg.stamp_size, scale=ps,
+            nx=size, ny=size, scale=cfg.pixel_scale,
             offset=(float(sxy[k, 0] - (sx0[k] + half)), float(sxy[k, 1] - (sy0[k] + half))),
         ).array
     add_stamps(clean, stars, sxy[:, 0], sxy[:, 1])
+    return star_mag
 
-    # correlated noise over the whole field and the depth map
+
+def _add_noise(cfg: MockConfig, clean: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray, CorrelatedNoise]:
+    """(total image, inverse variance, depth map, noise model): one correlated-noise realisation over
+    the field, deeper noise in the shallow rectangle."""
     noise_model = CorrelatedNoise(cfg.noise_kernel, cfg.noise_scale)
     sigma = noise_model.sigma
     if sigma <= 0:
         raise ValueError("mock fields need noise (noise_scale > 0): the weight maps are 1/sigma^2")
-    noise = noise_model.sample(np.random.default_rng(noise_seq), 1, shape, dtype=np.float64)[0]
-    depth = np.ones(shape)
-    sh = _rect_slices(cfg.shallow_rect, shape)
+    noise = noise_model.sample(rng, 1, clean.shape, dtype=np.float64)[0]
+    depth = np.ones(clean.shape)
+    sh = _rect_slices(cfg.shallow_rect, clean.shape)
     if sh is not None:
         depth[sh] = cfg.shallow_depth
-    total = clean + noise / np.sqrt(depth)
-    ivar_total = depth / sigma**2
+    return clean + noise / np.sqrt(depth), depth / sigma**2, depth, noise_model
 
-    # per-filter files: identical science images, weights ivar_total / n (module docstring)
-    wcs = make_wcs(shape, cfg.ra0, cfg.dec0, ps)
+
+def _write_filters(cfg: MockConfig, total, ivar_total, wcs, out_dir: Path) -> tuple[dict, np.ndarray]:
+    """Per-filter science and weight files (identical science images, weights ivar_total / n; the
+    masked and NaN regions in one filter each). Returns (file paths, truly bad pixels)."""
+    filters = list(cfg.filters)
     hdr = wcs.to_header()
     hdr["BUNIT"] = ("ELECTRONS/S", "counts per second (CLASH units)")
-    hdr["PHOTZPT"] = (ZEROPOINT, "AB zero point of 1 count/s")
+    hdr["PHOTZPT"] = (ZP_CLASH, "AB zero point of 1 count/s")
     hdr["MOCK"] = (True, "wlshear.clash.mock field")
     hdr["CLUSTER"] = cfg.cluster
     hdr["NFWM200"] = (cfg.m200, "Msun")
     hdr["NFWCONC"] = cfg.conc
     hdr["ZLENS"] = cfg.z_lens
     hdr["ZSOURCE"] = cfg.z_source
-    nf = len(filters)
-    bad_truth = np.zeros(shape, dtype=bool)
-    mk = _rect_slices(cfg.masked_rect, shape)
-    nn = _rect_slices(cfg.nan_rect, shape)
+    bad_truth = np.zeros(total.shape, dtype=bool)
+    mk = _rect_slices(cfg.masked_rect, total.shape)
+    nn = _rect_slices(cfg.nan_rect, total.shape)
     paths = {"sci": [], "wht": []}
     for filt in filters:
         sci = total.astype(np.float32)
-        wht = (ivar_total / nf).astype(np.float32)
+        wht = (ivar_total / len(filters)).astype(np.float32)
         if mk is not None and filt == cfg.masked_filter:
             wht[mk] = 50.0
             bad_truth[mk] = True
@@ -377,20 +359,22 @@ def make_mock_field(cfg: MockConfig, out_dir: str | Path) -> dict:
             bad_truth[nn] = True
         h = hdr.copy()
         h["FILTER"] = filt.upper()
-        p_sci = out_dir / SCI_PATTERN.format(cluster=cfg.cluster, filter=filt)
-        p_wht = out_dir / WHT_PATTERN.format(cluster=cfg.cluster, filter=filt)
-        fits.PrimaryHDU(sci, header=h).writeto(p_sci, overwrite=True)
-        fits.PrimaryHDU(wht, header=h).writeto(p_wht, overwrite=True)
-        paths["sci"].append(str(p_sci))
-        paths["wht"].append(str(p_wht))
+        for kind, arr, pattern in (("sci", sci, SCI_PATTERN), ("wht", wht, WHT_PATTERN)):
+            path = out_dir / pattern.format(cluster=cfg.cluster, filter=filt)
+            fits.PrimaryHDU(arr, header=h).writeto(path, overwrite=True)
+            paths[kind].append(str(path))
+    return paths, bad_truth
 
-    # truth table
-    cat = renderer.source.catalog
-    gid = params.galaxy_id
+
+def _truth_table(renderer, lens: _Lens, gxy, sxy, params, lensing, star_mag, rendered, bad_truth, depth, wcs) -> Table:
+    """One row per rendered object (galaxies, then stars) with its true position, shear and photometry."""
+    g1, g2, kappa, mu = lensing
+    cat, gid = renderer.source.catalog, params.galaxy_id
+    ny, nx = bad_truth.shape
+    n_star, nr = len(sxy), int(rendered.sum())
     all_x = np.concatenate([gxy[rendered, 0], sxy[:, 0]])
     all_y = np.concatenate([gxy[rendered, 1], sxy[:, 1]])
     ra, dec = wcs.pixel_to_world_values(all_x, all_y)
-    nr = int(rendered.sum())
     sg1, sg2, skap = lens(sxy[:, 0], sxy[:, 1])
     ix = np.clip(np.round(all_x).astype(int), 0, nx - 1)
     iy = np.clip(np.round(all_y).astype(int), 0, ny - 1)
@@ -411,63 +395,100 @@ def make_mock_field(cfg: MockConfig, out_dir: str | Path) -> dict:
         "depth": depth[iy, ix],
     })
     truth.meta["COMMENT"] = ["g1/g2: reduced shear applied (0 for stars); g1_lens/g2_lens: NFW at the position"]
-    truth_path = out_dir / f"{cfg.cluster}_truth.fits"
-    truth.write(truth_path, overwrite=True)
+    return truth
 
-    # baseline catalogue: moments on 32 px stamps of the total image at the true galaxy positions
+
+def _baseline_catalogue(cfg: MockConfig, renderer, noise_model, total, bad_truth, truth: Table, cal_seed) -> tuple[Table, dict]:
+    """Moments shapes on 32 px stamps of the total image at the true galaxy positions, divided by the
+    moments response (measured on simulations, or configured). Returns (catalogue, calibration)."""
     img_for_stamps = np.where(bad_truth, 0.0, total)
     img_for_stamps[~np.isfinite(img_for_stamps)] = 0.0
     gal = ~truth["is_star"]
     stamps, _, sflags = extract_stamps(img_for_stamps, truth["x"][gal], truth["y"][gal], 32)
     if cfg.baseline_response is None:
-        cal = measure_baseline_response(renderer, noise_model, cfg.n_calib, seed=int(cal_seq.generate_state(1)[0]))
-        response = cal["response"]
+        cal = measure_baseline_response(renderer, noise_model, cfg.n_calib, seed=cal_seed)
     else:
         cal = {"response": float(cfg.baseline_response), "configured": True}
-        response = float(cfg.baseline_response)
+    response = cal["response"]
     if not response > 0:
         raise ValueError(f"baseline response must be > 0, got {response}")
     inside = sflags == 0
     chi = np.full((int(gal.sum()), 2), np.nan)
     failed = np.ones(int(gal.sum()), dtype=bool)
     if inside.any():
-        chi[inside], failed[inside] = get_baseline("moments").estimate(stamps[inside])
+        chi[inside], failed[inside] = MomentsEstimator().estimate(stamps[inside])
     gb = chi / response
     t_gal = truth[gal]
     keep = ~failed & np.isfinite(gb).all(axis=1) & ~np.asarray(t_gal["in_mask"])
-    base = Table({
-        "ID": np.asarray(t_gal["id"])[keep],
-        "RA": np.asarray(t_gal["ra"])[keep],
-        "DEC": np.asarray(t_gal["dec"])[keep],
-        "G1": gb[keep, 0],
-        "G2": gb[keep, 1],
-        "MAG": np.asarray(t_gal["mag"])[keep],
-    })
+    base = Table({"ID": np.asarray(t_gal["id"])[keep], "RA": np.asarray(t_gal["ra"])[keep],
+                  "DEC": np.asarray(t_gal["dec"])[keep], "G1": gb[keep, 0], "G2": gb[keep, 1],
+                  "MAG": np.asarray(t_gal["mag"])[keep]})
     base.meta["ESTIMAT"] = "moments"
     base.meta["RESPONSE"] = response
+    return base, cal
+
+
+def _config_record(cfg: MockConfig, renderer) -> dict:
+    """The mock's settings as plain values (the source as its name)."""
+    out = {}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = renderer.source.name if f.name == "source" else list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _region(sl) -> list | None:
+    return None if sl is None else [sl[1].start, sl[0].start, sl[1].stop, sl[0].stop]
+
+
+def make_mock_field(cfg: MockConfig, out_dir: str | Path) -> dict:
+    """Render a mock field and write every file (module docstring). Returns a summary dict with the
+    file paths and counts (also written as ``{cluster}_mock.json``)."""
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.size < 64:
+        raise ValueError(f"mock field size must be >= 64 px, got {cfg.size}")
+    if cfg.masked_rect is not None and cfg.masked_filter not in list(cfg.filters):
+        raise ValueError(f"masked_filter {cfg.masked_filter!r} is not one of the filters {list(cfg.filters)}")
+    shape = (int(cfg.size), int(cfg.size))
+    pos_seq, par_seq, noise_seq, star_seq, cal_seq = np.random.SeedSequence(cfg.seed).spawn(5)
+    center = ((shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0) if cfg.center is None else tuple(float(v) for v in cfg.center)
+    lens = _Lens(cfg, center)
+    n_gal, n_star = cfg.n_gal(), int(cfg.n_stars)
+    xy = sample_positions(np.random.default_rng(pos_seq), n_gal + n_star, shape, cfg.min_sep_px, accept=lens.weak)
+    gxy, sxy = xy[:n_gal], xy[n_gal:]
+
+    renderer = build_renderer(cfg)
+    params, lensing = _galaxy_params(cfg, renderer, lens, gxy, np.random.default_rng(par_seq))
+    clean = np.zeros(shape, dtype=np.float64)
+    rendered = _draw_galaxies(cfg, renderer, params, gxy, clean)
+    star_mag = _draw_stars(cfg, renderer, sxy, clean, np.random.default_rng(star_seq))
+    total, ivar_total, depth, noise_model = _add_noise(cfg, clean, np.random.default_rng(noise_seq))
+
+    wcs = make_wcs(shape, cfg.ra0, cfg.dec0, cfg.pixel_scale)
+    paths, bad_truth = _write_filters(cfg, total, ivar_total, wcs, out_dir)
+    truth = _truth_table(renderer, lens, gxy, sxy, params, lensing, star_mag, rendered, bad_truth, depth, wcs)
+    truth_path = out_dir / f"{cfg.cluster}_truth.fits"
+    truth.write(truth_path, overwrite=True)
+    base, cal = _baseline_catalogue(cfg, renderer, noise_model, total, bad_truth, truth,
+                                    int(cal_seq.generate_state(1)[0]))
     cat_path = out_dir / f"{cfg.cluster}_wl_catalogue.fits"
     base.write(cat_path, overwrite=True)
 
+    sigma, nf = noise_model.sigma, len(cfg.filters)
     summary = {
-        "cluster": cfg.cluster,
-        "out_dir": str(out_dir),
-        "shape": list(shape),
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-        "center": list(center),
+        "cluster": cfg.cluster, "out_dir": str(out_dir), "shape": list(shape),
+        "config": _config_record(cfg, renderer), "center": list(center),
         "truth": {"m200": cfg.m200, "conc": cfg.conc, "z_lens": cfg.z_lens, "z_source": cfg.z_source,
                   "center": list(center), "magnification": cfg.magnification},
-        "n_galaxies": nr,
-        "n_render_failed": len(failures),
-        "n_stars": n_star,
-        "n_baseline": int(len(base)),
-        "baseline_calibration": cal,
-        "noise_sigma_pixel": sigma,
-        "ivar_nominal": 1.0 / sigma**2,
-        "weight_per_filter": 1.0 / sigma**2 / nf,
+        "n_galaxies": int(rendered.sum()), "n_render_failed": int((~rendered).sum()), "n_stars": n_star,
+        "n_baseline": int(len(base)), "baseline_calibration": cal,
+        "noise_sigma_pixel": sigma, "ivar_nominal": 1.0 / sigma**2, "weight_per_filter": 1.0 / sigma**2 / nf,
         "regions": {
-            "shallow": None if sh is None else [sh[1].start, sh[0].start, sh[1].stop, sh[0].stop],
-            "masked": None if mk is None else [mk[1].start, mk[0].start, mk[1].stop, mk[0].stop],
-            "nan": None if nn is None else [nn[1].start, nn[0].start, nn[1].stop, nn[0].stop],
+            "shallow": _region(_rect_slices(cfg.shallow_rect, shape)),
+            "masked": _region(_rect_slices(cfg.masked_rect, shape)),
+            "nan": _region(_rect_slices(cfg.nan_rect, shape)),
             "region_format": "[x_start, y_start, x_stop, y_stop] pixels (stop exclusive)",
         },
         "files": {"sci": paths["sci"], "wht": paths["wht"], "truth": str(truth_path), "catalogue": str(cat_path)},
@@ -477,88 +498,3 @@ def make_mock_field(cfg: MockConfig, out_dir: str | Path) -> dict:
     summary["files"]["summary"] = str(js)
     js.write_text(json.dumps(summary, indent=2, default=float))
     return summary
-
-
-def _ftype(n: int):
-    """argparse type: 'a b ...' (n numbers, spaces or commas) or none/off -> tuple | None."""
-    def conv(s):
-        return _floats(s, n)
-    conv.__name__ = f"{n} numbers or none"
-    return conv
-
-
-def _floats(s: str, n: int | None = None):
-    if s is None or str(s).lower() in ("none", "null", "off"):
-        return None
-    vals = tuple(float(v) for v in str(s).replace(",", " ").split())
-    if n is not None and len(vals) != n:
-        raise argparse.ArgumentTypeError(f"expected {n} numbers, got {s!r}")
-    return vals
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from wlshear.utils.validate import Float, Int, cli_type
-
-    ap = argparse.ArgumentParser(
-        prog="python -m wlshear.clash.mock",
-        description="Render a mock CLASH cluster field (7 filters + weights, baseline catalogue, truth).",
-    )
-    ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--cluster", default="mock", help="cluster name used in the file names")
-    ap.add_argument("--size", type=cli_type(Int(64, 100000)), default=1200, help="field side in pixels (0.065\"/px)")
-    ap.add_argument("--n-galaxies", type=cli_type(Int(1)), default=None, help="default: 800 x (size/1200)^2")
-    ap.add_argument("--seed", type=cli_type(Int(0)), default=0)
-    ap.add_argument("--m200", type=cli_type(Float(0, lo_open=True)), default=6e14, help="NFW M200 [Msun]")
-    ap.add_argument("--conc", type=cli_type(Float(0, 100, lo_open=True)), default=4.0, help="NFW concentration")
-    ap.add_argument("--z-lens", type=cli_type(Float(0, 10, lo_open=True)), default=0.3)
-    ap.add_argument("--z-source", type=cli_type(Float(0, 20, lo_open=True)), default=1.0)
-    ap.add_argument("--center", default=None, type=_ftype(2), help="'x y' lens centre in pixels (default: image centre)")
-    ap.add_argument("--no-magnification", action="store_true", help="mu = 1 for every galaxy")
-    ap.add_argument("--n-stars", type=cli_type(Int(0)), default=12)
-    ap.add_argument("--star-mags", default="18.5 22.5", type=_ftype(2), help="'lo hi' star magnitude range")
-    ap.add_argument("--source", default="parametric", choices=["parametric", "cosmos", "cosmos_parametric"])
-    ap.add_argument("--catalog-dir", default=None, help="GalSim COSMOS catalogue directory")
-    ap.add_argument("--noise-kernel", default=None, help="noise kernel .npy/.txt (default: embedded CLASH)")
-    ap.add_argument("--noise-scale", type=cli_type(Float(0, 100, lo_open=True)), default=1.0,
-                    help="x the CLASH kernel (> 0: the weight maps are 1/sigma^2)")
-    ap.add_argument("--stamp-size", type=cli_type(Int(8, 1024)), default=64, help="side of each galaxy's drawn stamp [px]")
-    ap.add_argument("--min-sep", type=cli_type(Float(0)), default=20.0, help="minimum separation of objects [px]")
-    ap.add_argument("--shallow", default="0 0 0.22 0.22", type=_ftype(4), help="'x0 y0 w h' (field fractions) or none")
-    ap.add_argument("--shallow-depth", type=cli_type(Float(0, 1, lo_open=True)), default=1 / 3)
-    ap.add_argument("--masked", default="0.78 0 0.22 0.12", type=_ftype(4), help="'x0 y0 w h' weight<100 region or none")
-    ap.add_argument("--nan", default="0.45 0.88 0.04 0.04", type=_ftype(4), help="'x0 y0 w h' NaN region or none")
-    ap.add_argument("--baseline-response", type=cli_type(Float(0, lo_open=True)), default=None,
-                    help="divide moments chi by this (default: measure on --n-calib simulated stamps)")
-    ap.add_argument("--n-calib", type=cli_type(Int(10)), default=1000)
-    ap.add_argument("--ra", type=float, default=42.014, help="RA of the image centre [deg]")
-    ap.add_argument("--dec", type=float, default=-3.529, help="Dec of the image centre [deg]")
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    if args.z_source <= args.z_lens:
-        ap.error(f"--z-source {args.z_source} must be beyond --z-lens {args.z_lens}")
-    if args.source != "parametric" and not args.catalog_dir:
-        ap.error(f"--source {args.source} needs --catalog-dir (a GalSim COSMOS catalogue directory)")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = MockConfig(
-        cluster=args.cluster, size=args.size, n_galaxies=args.n_galaxies, seed=args.seed, m200=args.m200,
-        conc=args.conc, z_lens=args.z_lens, z_source=args.z_source, center=args.center,
-        magnification=not args.no_magnification, n_stars=args.n_stars, star_mag_range=args.star_mags,
-        source=args.source, catalog_dir=args.catalog_dir, noise_kernel=args.noise_kernel,
-        noise_scale=args.noise_scale, stamp_size=args.stamp_size, min_sep_px=args.min_sep,
-        shallow_rect=args.shallow, shallow_depth=args.shallow_depth,
-        masked_rect=args.masked, nan_rect=args.nan,
-        baseline_response=args.baseline_response, n_calib=args.n_calib, ra0=args.ra, dec0=args.dec,
-        progress=not args.no_progress,
-    )
-    s = make_mock_field(cfg, args.out)
-    print(
-        f"wrote mock field {s['cluster']} ({s['shape'][1]}x{s['shape'][0]} px, {s['n_galaxies']} galaxies, "
-        f"{s['n_stars']} stars, {s['n_baseline']} baseline shapes, moments response "
-        f"{s['baseline_calibration']['response']:.3f}) to {s['out_dir']} in {s['wall_time_s']:.1f} s\n"
-        f"  truth: {s['files']['truth']}\n  catalogue: {s['files']['catalogue']}\n  summary: {s['files']['summary']}"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -16,18 +16,14 @@ kernel T is symmetric, so T ~ sqrtm(C) and the centre row of sqrtm(C) reshaped t
 The kernel is in image counts (the same units as the image), to be used as
 ``noise = scipy.signal.convolve2d(N(0,1) field, K, mode="same")``.
 
-Command line::
+Command line (``conf/noise_kernel.yaml``)::
 
-    python -m wlshear.clash.noise_kernel --image total.fits [--weight ivar.fits] --out kernel.npy
+    python -m wlshear.tasks.noise_kernel image=total.fits [weight=ivar.fits] out=kernel.npy
 
 writes ``kernel.npy`` (7x7 float64) and ``kernel.txt`` (the same numbers, human-readable).
 """
 
 from __future__ import annotations
-
-import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import sep
@@ -151,51 +147,3 @@ def measure_noise_kernel(
         }
         return kernel, info
     return kernel
-
-
-def _read(path: str) -> np.ndarray:
-    from .io import read_image
-
-    return read_image(path)[0]
-
-
-def main(argv: list[str] | None = None) -> int:
-    from wlshear.utils.validate import Float, Int, cli_type
-
-    ap = argparse.ArgumentParser(
-        prog="python -m wlshear.clash.noise_kernel",
-        description="Measure the 7x7 background noise kernel of a (total) image and save it as .npy + .txt.",
-    )
-    ap.add_argument("--image", required=True, help="FITS image (first 2-D HDU), counts")
-    ap.add_argument("--weight", help="optional FITS inverse-variance map on the same grid")
-    ap.add_argument("--out", required=True, help="output .npy path (a .txt copy is written alongside)")
-    ap.add_argument("--size", type=cli_type(Int(1, 63)), default=7, help="kernel side [px], odd")
-    ap.add_argument("--stride", type=cli_type(Int(1)), default=4)
-    ap.add_argument("--detect-thresh", type=cli_type(Float(0, lo_open=True)), default=3.0)
-    ap.add_argument("--dilate", type=cli_type(Int(0)), default=5)
-    ap.add_argument("--min-ivar", type=cli_type(Float(0)), default=None, help="absolute ivar floor")
-    ap.add_argument("--min-ivar-frac", type=cli_type(Float(0, 1)), default=0.5, help="floor as a fraction of the median ivar")
-    args = ap.parse_args(argv)
-    if args.size % 2 == 0:
-        ap.error(f"argument --size: {args.size} must be odd (the kernel has a centre pixel)")
-    image = _read(args.image)
-    ivar = _read(args.weight) if args.weight else None
-    kernel, info = measure_noise_kernel(
-        image, ivar, size=args.size, stride=args.stride, detect_thresh=args.detect_thresh,
-        dilate=args.dilate, min_ivar=args.min_ivar, min_ivar_frac=args.min_ivar_frac, return_info=True,
-    )
-    out = Path(args.out)
-    if out.suffix != ".npy":
-        out = out.with_suffix(".npy")
-    np.save(out, kernel)
-    header = (
-        f"{args.size}x{args.size} background noise kernel (image counts) from {args.image}; "
-        f"{info['n_patches']} patches; sum {kernel.sum():.6e}; sqrt(sum sq) {np.sqrt((kernel**2).sum()):.6e}"
-    )
-    np.savetxt(out.with_suffix(".txt"), kernel, fmt="%.6e", header=header)
-    print(f"wrote {out} and {out.with_suffix('.txt')}: {header}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

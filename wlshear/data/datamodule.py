@@ -8,12 +8,14 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from wlshear.data.datasets import CachedStampSet, EpochLoader, GroupedShearStream, ShearStream
+from wlshear.data.rules import DATA_RULES
 from wlshear.sim.augment import Augmentation
+from wlshear.sim.constants import PIXEL_SCALE, PSF_FWHM, STAMP_SIZE
 from wlshear.sim.noise import CorrelatedNoise
 from wlshear.sim.render import StampRenderer
 from wlshear.sim.sources import GalaxySource
 from wlshear.utils.plain import to_plain
-from wlshear.utils.validate import DATA_RULES, validate_values
+from wlshear.utils.validate import validate_values
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +62,9 @@ class ShearDataModule(L.LightningDataModule):
         eval_population: str = "natural",
         mag_bins=None,
         target_catalog=None,
-        psf_fwhm: float = 0.121,
-        pixel_scale: float = 0.065,
-        stamp_size: int = 32,
+        psf_fwhm: float = PSF_FWHM,
+        pixel_scale: float = PIXEL_SCALE,
+        stamp_size: int = STAMP_SIZE,
         gsparams: dict | None = None,
         backend: str = "galsim",
         samples_per_epoch: int = 20000,
@@ -149,10 +151,6 @@ class ShearDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.test_set)
-
-    def loader(self, ds) -> DataLoader:
-        """An evaluation-style loader over any cached set."""
-        return self._eval_loader(ds)
 
     # -- checkpointing: resume continues the stream instead of repeating epoch 0 -------------
     def state_dict(self):

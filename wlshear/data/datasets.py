@@ -390,14 +390,18 @@ class CachedStampSet(Dataset):
     fingerprints), n, seed and ring flag, so a changed configuration or input file never reuses a
     stale cache. ``workers`` renders in parallel processes (the result does not depend on it).
     More than ``max_failure_fraction`` of ``n`` stamps failing to render raises
-    :class:`RenderFailureError` and caches nothing.
+    :class:`RenderFailureError` and caches nothing. ``centroid_shift_hlr``: every centroid moved by
+    that many half-light radii in a random direction (``StampRenderer.simulate_shifted``).
     """
 
     def __init__(self, renderer: StampRenderer, n: int, seed: int, cache_dir=None, ring: bool = False,
-                 name: str = "set", progress: bool = True, workers: int = 0, max_failure_fraction: float = 0.01):
+                 name: str = "set", progress: bool = True, workers: int = 0, max_failure_fraction: float = 0.01,
+                 centroid_shift_hlr: float | None = None):
         self.n, self.seed, self.ring = int(n), int(seed), bool(ring)
         self.max_failure_fraction = float(max_failure_fraction)
         desc = {"renderer": renderer_description(renderer), "n": self.n, "seed": self.seed, "ring": self.ring}
+        if centroid_shift_hlr is not None:
+            desc.update(shift_hlr=float(centroid_shift_hlr), kind="centroid")
         self.key = _config_hash(desc)
         self.path = None
         batch = None
@@ -411,8 +415,12 @@ class CachedStampSet(Dataset):
                 log.log(logging.WARNING if ".files." in why else logging.INFO,
                         "rendering %s set (%d stamps): %s", name, self.n, why)
         if batch is None:
-            batch = renderer.simulate(self.n, [self.seed, 7919], ring=self.ring, progress=progress,
-                                      chunk=128, workers=workers)
+            if centroid_shift_hlr is None:
+                batch = renderer.simulate(self.n, [self.seed, 7919], ring=self.ring, progress=progress,
+                                          chunk=128, workers=workers)
+            else:
+                batch = renderer.simulate_shifted(self.n, self.seed, float(centroid_shift_hlr), ring=self.ring,
+                                                  progress=progress)
             save_cached(self.path, batch, desc, name, self.n, self.max_failure_fraction)
         self.batch = batch
         self.stamps = torch.from_numpy(np.ascontiguousarray(batch.stamps, dtype=np.float32))

@@ -1,6 +1,7 @@
-"""Shear-estimation metrics: bias fits, binned statistics and diagnostic plots.
+"""Shear-estimation metrics: bias fits, binned, conditional and study statistics, and plots.
 
-Plots live in :mod:`wlshear.metrics.plots` (imports matplotlib, not imported here).
+Plots live in :mod:`wlshear.metrics.plots` (the only modules that import matplotlib; not
+imported here).
 """
 
 from .bias import BiasFit, average_pairs, calibrate, fit_bias, fit_line, valid_rows

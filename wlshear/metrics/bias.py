@@ -17,6 +17,7 @@ which is *not* the per-galaxy error; fit unpaired data for that.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +52,10 @@ class BiasFit:
         out["n"] = int(self.n)
         out["n_failed"] = int(self.n_failed)
         return out
+
+    def calibration(self) -> dict:
+        """The fitted bias as a calibration ``{m1, c1, m2, c2}`` (what ``ShearEstimator`` inverts)."""
+        return {"m1": float(self.m[0]), "c1": float(self.c[0]), "m2": float(self.m[1]), "c2": float(self.c[1])}
 
     def __str__(self) -> str:
         d = self.as_dict()
@@ -272,4 +277,22 @@ def bias_summary(g_true, g_est, failed=None, pair_ids=None, bootstrap: int = 0, 
         se = pair_bootstrap_sigma(g_true, g_est, failed, pair_ids if paired else None, bootstrap, gen)
         out["sigma1_err"], out["sigma2_err"] = float(se[0]), float(se[1])
     out["bootstrap"] = int(bootstrap)
+    return out
+
+
+def fixed_sigma(g_true, g_est, failed, cal) -> dict:
+    """``sigma{k}_fixed`` (and ``_err``): RMS of ``(g_est - c) / (1 + m) - g_true`` per galaxy with a
+    given calibration ``cal`` = {m1, c1, m2, c2} (e.g. the whole test set's: what a survey applying
+    a fixed calibration sees); NaN without a calibration or usable rows."""
+    out = {}
+    ok = valid_rows(g_true, g_est, failed)
+    n = int(ok.sum())
+    for k in (1, 2):
+        if cal is None or n == 0 or not np.isfinite(cal.get(f"m{k}", np.nan)):
+            out[f"sigma{k}_fixed"] = out[f"sigma{k}_fixed_err"] = float("nan")
+            continue
+        r = (g_est[ok, k - 1] - cal[f"c{k}"]) / (1 + cal[f"m{k}"]) - g_true[ok, k - 1]
+        s = float(np.sqrt(np.mean(r**2)))
+        out[f"sigma{k}_fixed"] = s
+        out[f"sigma{k}_fixed_err"] = s / math.sqrt(2 * max(n - 1, 1))
     return out

@@ -1,7 +1,7 @@
 """Conditional shear bias: m, c and sigma in bins of observables measured on the stamps.
 
 The observables (aperture magnitude ``mag``, half-light radius ``hlr_px`` [pixels], ``snr``) come
-from :func:`wlshear.baselines.photometry.measure_observables` on the very stamps the estimators
+from :func:`wlshear.observables.measure_observables` on the very stamps the estimators
 saw, never from the simulation truth, so the same binning can be applied to real data. With ring
 pairs each pair is placed in the bin of its members' *mean* observable, so both members always
 share a bin and m, c come from the pair-averaged fit (shape noise cancelled).
@@ -16,15 +16,12 @@ and are counted in ``n_unmeasured``.
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
 import numpy as np
 
-from wlshear.metrics.bias import bias_summary, valid_rows
+from wlshear.metrics.bias import bias_summary, fixed_sigma
 from wlshear.metrics.binned import bin_edges, bin_index
 
-__all__ = ["pair_mean_observable", "conditional_rows", "plot_conditional", "DEFAULT_BINS"]
+__all__ = ["pair_mean_observable", "conditional_rows", "chi2_zero_m", "DEFAULT_BINS"]
 
 DEFAULT_BINS = {"mag": 5, "hlr_px": 3, "snr": 3}
 
@@ -47,15 +44,7 @@ def _one_bin(g_true, g_est, failed, pair_ids, cal) -> dict:
     d = bias_summary(g_true, g_est, failed, pair_ids)
     out = {k: d[k] for k in ("m1", "m1_err", "m2", "m2_err", "c1", "c1_err", "c2", "c2_err",
                              "sigma1", "sigma1_err", "sigma2", "sigma2_err", "n_failed", "n_pairs")}
-    ok = valid_rows(g_true, g_est, failed)
-    n = int(ok.sum())
-    for k in (1, 2):
-        if cal is None or n == 0:
-            out[f"sigma{k}_fixed"] = out[f"sigma{k}_fixed_err"] = float("nan")
-            continue
-        r = (g_est[ok, k - 1] - cal[f"c{k}"]) / (1 + cal[f"m{k}"]) - g_true[ok, k - 1]
-        s = float(np.sqrt(np.mean(r ** 2)))
-        out[f"sigma{k}_fixed"], out[f"sigma{k}_fixed_err"] = s, s / math.sqrt(2 * max(n - 1, 1))
+    out.update(fixed_sigma(g_true, g_est, failed, cal))
     return out
 
 
@@ -100,55 +89,10 @@ def conditional_rows(g_true, estimates: dict, observables: dict, pair_ids=None, 
     return rows
 
 
-def plot_conditional(rows: list[dict], path, stats=None) -> Path:
-    """Grid of panels: one column per observable, one row per statistic (component 1 solid, 2 dashed).
-
-    Default stats: ``m`` and ``sigma_fixed`` (per-galaxy error with the fixed calibration) when the
-    rows have it, else ``sigma`` (recalibrated per bin)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if stats is None:
-        has_fixed = any(np.isfinite(r.get("sigma1_fixed", np.nan)) for r in rows)
-        stats = ("m", "sigma_fixed" if has_fixed else "sigma")
-    labels = {"m": "m (ring-pair fit)", "sigma": "sigma (recalibrated per bin)",
-              "sigma_fixed": "sigma (fixed calibration)"}
-
-    def key(stat, k, suffix=""):
-        base, _, rest = stat.partition("_")
-        return f"{base}{k}" + (f"_{rest}" if rest else "") + suffix
-
-    obs = list(dict.fromkeys(r["observable"] for r in rows))
-    names = list(dict.fromkeys(r["estimator"] for r in rows))
-    fig, axes = plt.subplots(len(stats), len(obs), figsize=(4.4 * len(obs), 3.4 * len(stats)), squeeze=False)
-    for i, stat in enumerate(stats):
-        for j, o in enumerate(obs):
-            ax = axes[i][j]
-            for e, name in enumerate(names):
-                rr = [r for r in rows if r["observable"] == o and r["estimator"] == name]
-                xs = np.array([r["x_mean"] for r in rr], dtype=float)
-                for k, ls in ((1, "-"), (2, "--")):
-                    y = np.array([r.get(key(stat, k), np.nan) for r in rr], dtype=float)
-                    err = np.array([r.get(key(stat, k, "_err"), np.nan) for r in rr], dtype=float)
-                    ax.errorbar(xs + 0.01 * e * (np.nanmax(xs) - np.nanmin(xs) if len(xs) > 1 else 0), y,
-                                yerr=np.where(np.isfinite(err), err, 0), color=f"C{e % 10}", ls=ls, marker="o",
-                                ms=3, capsize=2, label=f"{name} {k}" if (i == 0 and j == 0) else None)
-            if stat == "m":
-                ax.axhline(0, color="k", lw=0.8)
-            if o in ("hlr_px", "snr"):
-                from matplotlib.ticker import NullFormatter
-
-                ax.set_xscale("log")
-                ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_xlabel(f"measured {o} (bin mean of pair means)")
-            ax.set_ylabel(labels.get(stat, stat))
-    if names:
-        fig.legend(loc="upper center", ncol=min(6, 2 * len(names)), fontsize=7, bbox_to_anchor=(0.5, 1.0 + 0.02 * len(names)))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+def chi2_zero_m(rows: list[dict]) -> dict:
+    """The residual conditional bias of :func:`conditional_rows` rows (one estimator; any bins):
+    ``chi2`` = sum over bins and both components of (m / m_err)^2 (the test of m = 0), its ``dof``
+    and ``max_abs_m``. Bins too small to fit (no ``m1``) are left out."""
+    vals = [(r[f"m{k}"], r[f"m{k}_err"]) for r in rows if "m1" in r for k in (1, 2)]
+    return {"chi2": float(sum((m / e) ** 2 for m, e in vals)), "dof": len(vals),
+            "max_abs_m": float(max(abs(m) for m, _ in vals))}

@@ -12,9 +12,9 @@ from wlshear.models.architectures import (
 )
 from wlshear.models.estimator import ShearEstimator, load_estimator
 from wlshear.models.module import ShearRegressor, linear_bias_fit
-from wlshear.models.normalize import normalize_stamps, normalize_stamps_np
+from wlshear.models.normalize import normalize_stamps
 from wlshear.models.refit import compute_features, fit_head_lstsq, refit_head
-from wlshear.models.symmetry import apply, apply_np, shear_sign, symmetrize, symmetrize_np, transform_shear
+from wlshear.models.symmetry import apply, apply_np, shear_sign, symmetrize, transform_shear
 
 __all__ = [
     "PaperCNN",
@@ -25,13 +25,11 @@ __all__ = [
     "register_architecture",
     "registered_architectures",
     "normalize_stamps",
-    "normalize_stamps_np",
     "apply",
     "apply_np",
     "shear_sign",
     "transform_shear",
     "symmetrize",
-    "symmetrize_np",
     "fit_head_lstsq",
     "compute_features",
     "refit_head",

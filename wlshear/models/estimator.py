@@ -28,7 +28,7 @@ counterfactual (with fixnoise) to raw stamps itself.
 Optional conditional calibration: ``surface`` (a :class:`wlshear.calibration.CalibrationSurface`)
 corrects the globally calibrated shears per galaxy, ``(g - c(o)) / (1 + m(o))``, with the
 observables ``o`` (magnitude, half-light radius, S/N) measured on the stamps by
-``wlshear.baselines.photometry.measure_observables`` inside :meth:`ShearEstimator.predict`.
+``wlshear.observables.measure_observables`` inside :meth:`ShearEstimator.predict`.
 Files without the key (older files) load with no surface.
 
 :func:`load_estimator` also reads a Lightning checkpoint written while training a
@@ -158,6 +158,18 @@ class ShearEstimator:
     def set_calibration(self, m1: float = 0.0, c1: float = 0.0, m2: float = 0.0, c2: float = 0.0) -> None:
         """Set the bias model ``g_raw = (1 + m) g_true + c`` that :meth:`predict` inverts."""
         self.calibration = _checked_calibration(m1, c1, m2, c2)
+
+    def compose_calibration(self, extra: Mapping[str, float]) -> dict[str, float]:
+        """The calibration equivalent to this estimator's followed by ``extra``: ``extra`` is the bias
+        ``g = (1 + m') g_true + c'`` of this estimator's calibrated output (e.g. re-fitted on a new set),
+        so ``g_raw = (1 + m)((1 + m') g_true + c') + c``. Pass the result to :meth:`set_calibration`."""
+        out = {}
+        for k in (1, 2):
+            mo, co = self.calibration[f"m{k}"], self.calibration[f"c{k}"]
+            mn, cn = float(extra.get(f"m{k}", 0.0)), float(extra.get(f"c{k}", 0.0))
+            out[f"m{k}"] = (1 + mo) * (1 + mn) - 1
+            out[f"c{k}"] = (1 + mo) * cn + co
+        return out
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

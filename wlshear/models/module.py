@@ -42,6 +42,7 @@ from torch import nn
 
 from wlshear.models.architectures import net_spec
 from wlshear.models.normalize import normalize_stamps
+from wlshear.models.objectives import MSEObjective
 from wlshear.models import symmetry as _symmetry
 
 __all__ = ["ShearRegressor", "linear_bias_fit", "default_optimizer"]
@@ -94,10 +95,11 @@ class ShearRegressor(L.LightningModule):
         scheduler_monitor: metric a ReduceLROnPlateau-type scheduler watches.
         symmetrize_eval: average predictions over the 8 square symmetries in val/test/predict.
         shear_max: half-width of the training shear distribution (recorded; used by the head refit).
-        objective: training loss, see :func:`wlshear.models.objectives.build_objective`: ``None`` /
-            ``"mse"`` (default, the paper's loss) or ``{"name": "condbias", "slope_weight": ...}``
-            (MSE + per-galaxy response penalty; needs grouped batches, ``GroupedShearStream``).
-            Validation/test losses are always plain MSE.
+        objective: training loss, a callable ``(pred, true, groups) -> (loss, parts)`` of
+            :mod:`wlshear.models.objectives` (chosen in the model config by ``_target_``): ``None`` =
+            :class:`~wlshear.models.objectives.MSEObjective` (the paper's loss), or e.g.
+            ``ConditionalBiasLoss(slope_weight=...)`` (MSE + per-galaxy response penalty; needs
+            grouped batches, ``GroupedShearStream``). Validation/test losses are always plain MSE.
         init_from: optional estimator file / Lightning checkpoint whose network weights initialise
             ``net`` (fine-tuning). Not saved in the hparams as a path to load again (a checkpoint
             restores its own weights); recorded as ``hparams["init_from_desc"]``.
@@ -123,18 +125,15 @@ class ShearRegressor(L.LightningModule):
         input_transform: Any = None,
     ) -> None:
         super().__init__()
-        from wlshear.models.objectives import build_objective
-
-        if objective is not None and not callable(objective):
-            try:
-                from omegaconf import DictConfig, OmegaConf
-
-                if isinstance(objective, DictConfig):
-                    objective = OmegaConf.to_container(objective, resolve=True)
-            except ImportError:  # pragma: no cover
-                pass
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "init_from", "input_transform"], logger=False)
-        self.objective = build_objective(objective)
+        if objective is None:
+            objective = MSEObjective()
+        if not callable(objective):
+            raise ValueError(f"objective must be a callable (pred, true, groups) -> (loss, parts) such as "
+                             f"wlshear.models.objectives.ConditionalBiasLoss(...), got {objective!r}")
+        # the objective is recorded as objective_desc (an object would not load with weights_only=True)
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "init_from", "input_transform", "objective"],
+                                  logger=False)
+        self.objective = objective
         if init_from:
             from wlshear.models.estimator import load_estimator
 

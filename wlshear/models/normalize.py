@@ -15,10 +15,9 @@ the whole normalised stamp; callers flag such stamps as failures.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-__all__ = ["normalize_stamps", "normalize_stamps_np", "DEFAULT_EPS"]
+__all__ = ["normalize_stamps", "DEFAULT_EPS"]
 
 #: Lower bound on the per-stamp standard deviation (stamp units, counts) used as the divisor.
 DEFAULT_EPS = 1e-12
@@ -42,16 +41,3 @@ def normalize_stamps(x: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
     centred = shifted - shifted.mean(dim=(-2, -1), keepdim=True)
     std = centred.square().mean(dim=(-2, -1), keepdim=True).sqrt()
     return centred / std.clamp_min(eps)
-
-
-def normalize_stamps_np(x: np.ndarray, eps: float = DEFAULT_EPS) -> np.ndarray:
-    """NumPy version of :func:`normalize_stamps` (float64 arithmetic, returns the input's float dtype)."""
-    x = np.asarray(x)
-    if x.ndim < 2:
-        raise ValueError(f"stamps need at least 2 axes (..., H, W), got shape {x.shape}")
-    out_dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.float64
-    x64 = x.astype(np.float64, copy=False)
-    shifted = x64 - x64[..., :1, :1]  # exactly 0 for a flat stamp
-    centred = shifted - shifted.mean(axis=(-2, -1), keepdims=True)
-    std = np.sqrt(np.mean(centred**2, axis=(-2, -1), keepdims=True))
-    return (centred / np.maximum(std, eps)).astype(out_dtype, copy=False)

@@ -24,7 +24,8 @@ so the response is uniform across classes only when ``w >> sigma_i^2`` (sigma_i 
 CLASH noise: w of a few or more).
 
 Objectives are callables ``objective(pred (N, 2), true (N, 2), groups (N,) long or None) ->
-(loss, parts)`` with ``parts`` a dict of detached scalars to log. With ``groups=None`` (ungrouped
+(loss, parts)`` with ``parts`` a dict of detached scalars to log, chosen in the model config by
+``_target_`` (``conf/model/paper_cnn_condbias.yaml``); ``ShearRegressor(objective=None)`` is MSE. With ``groups=None`` (ungrouped
 batches such as the validation set) the conditional objective reduces to its MSE term.
 """
 
@@ -33,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MSEObjective", "ConditionalBiasLoss", "group_slopes", "build_objective"]
+__all__ = ["MSEObjective", "ConditionalBiasLoss", "group_slopes"]
 
 
 class MSEObjective:
@@ -140,22 +141,3 @@ class ConditionalBiasLoss:
     def __repr__(self) -> str:
         return (f"ConditionalBiasLoss(slope_weight={self.slope_weight}, target_slope={self.target_slope}, "
                 f"mse_weight={self.mse_weight}, debias={self.debias})")
-
-
-def build_objective(spec) -> MSEObjective | ConditionalBiasLoss:
-    """An objective from ``None`` / ``'mse'`` / ``'condbias'`` / a dict ``{name: ..., **kwargs}`` / a callable."""
-    if spec is None:
-        return MSEObjective()
-    if callable(spec):
-        return spec
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    spec = dict(spec)
-    name = str(spec.pop("name", "mse")).lower()
-    if name == "mse":
-        if spec:
-            raise ValueError(f"the mse objective takes no options, got {sorted(spec)}")
-        return MSEObjective()
-    if name in ("condbias", "conditional_bias"):
-        return ConditionalBiasLoss(**spec)
-    raise ValueError(f"unknown objective {name!r}; use 'mse' or 'condbias'")

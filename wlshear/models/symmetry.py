@@ -34,7 +34,6 @@ __all__ = [
     "shear_signs",
     "transform_shear",
     "symmetrize",
-    "symmetrize_np",
 ]
 
 N_SYMMETRIES = 8
@@ -106,17 +105,5 @@ def symmetrize(model_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     total = None
     for k in range(N_SYMMETRIES):
         out = transform_shear(model_fn(apply(x, k).contiguous()), k)
-        total = out if total is None else total + out
-    return total / N_SYMMETRIES
-
-
-def symmetrize_np(model_fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
-    """NumPy version of :func:`symmetrize` for an estimator on numpy stamps ``(N, H, W)`` -> ``(N, 2)``."""
-    x = np.asarray(x)
-    if x.shape[-1] != x.shape[-2]:
-        raise ValueError(f"symmetry averaging needs square stamps, got shape {x.shape}")
-    total = None
-    for k in range(N_SYMMETRIES):
-        out = transform_shear(np.asarray(model_fn(np.ascontiguousarray(apply_np(x, k)))), k)
         total = out if total is None else total + out
     return total / N_SYMMETRIES

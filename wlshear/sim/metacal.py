@@ -412,6 +412,11 @@ class MetacalOperator:
 
     __call__ = noshear
 
+    def noshear_batches(self, loader, seed: int) -> "_NoShearBatches":
+        """``(x, y, ...)`` batches of ``loader`` with ``x`` mapped to its no-shear counterfactual (fixnoise
+        fields from one generator seeded with ``seed``): the head refit of a metacal network."""
+        return _NoShearBatches(self, loader, seed)
+
     def to_dict(self) -> dict[str, Any]:
         return self.settings.to_dict()
 
@@ -419,3 +424,21 @@ class MetacalOperator:
         s = self.settings
         return (f"MetacalOperator(reconv_factor={s.reconv_factor}, step={s.step}, fixnoise={s.fixnoise}, "
                 f"noise_scale={s.noise_scale}, psf_fwhm={s.psf_fwhm})")
+
+
+class _NoShearBatches:
+    """See :meth:`MetacalOperator.noshear_batches`."""
+
+    def __init__(self, op: MetacalOperator, loader, seed: int) -> None:
+        self.op, self.loader = op, loader
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        op = self.op
+        for batch in self.loader:
+            x = torch.as_tensor(batch[0]).float()
+            noise = op.sample_noise(len(x), "cpu", torch.float32, self.gen, size=x.shape[-1]) if op.adds_noise else None
+            yield (op.counterfactuals(x, ("noshear",), noise=noise)[:, 0], *batch[1:])

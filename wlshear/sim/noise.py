@@ -4,7 +4,7 @@ Noise is made by convolving iid N(0, 1) pixels with a small kernel K (7x7 for CL
 to the stamp: n = K * w. Its covariance is the autocorrelation of K:
 Cov[n(p), n(p + d)] = sum_q K(q) K(q + d). Pixel values are in image counts (the same units as the
 kernel). The default kernel is the one measured by Springer et al. from CLASH images; a kernel
-measured from the user's own images (``python -m wlshear.clash.noise_kernel``) can replace it.
+measured from the user's own images (``python -m wlshear.tasks.noise_kernel``) can replace it.
 """
 
 from __future__ import annotations

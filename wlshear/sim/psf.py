@@ -13,7 +13,3 @@ def make_psf(fwhm_arcsec: float = PSF_FWHM, gsparams: galsim.GSParams | None = N
         raise ValueError(f"PSF FWHM must be positive (arcsec), got {fwhm_arcsec!r}")
     return galsim.Gaussian(fwhm=fwhm_arcsec, gsparams=gsparams)
 
-
-def psf_sigma_pixels(fwhm_arcsec: float = PSF_FWHM, pixel_scale: float = 0.065) -> float:
-    """Gaussian sigma of the PSF in pixels (FWHM = 2 sqrt(2 ln 2) sigma)."""
-    return fwhm_arcsec / pixel_scale / 2.3548200450309493

@@ -13,7 +13,7 @@ shares:
 A stamp that fails to render (GalSim error, non-finite pixels) is skipped and recorded in
 ``StampBatch.failures``; it never aborts a batch.
 
-Command line: ``python -m wlshear.sim.render --n 1000 --out stamps.npz [--source parametric]``
+Command line (composes ``conf/render.yaml``): ``python -m wlshear.tasks.render n=1000 out=stamps.fits``
 renders stamps to an npz or FITS file and writes a PNG grid of normalised stamps.
 """
 
@@ -203,9 +203,16 @@ class StampRenderer:
 
     def with_augment(self, augment: Augmentation) -> "StampRenderer":
         """A shallow copy using other augmentation settings (e.g. ``augment.test_mode()``)."""
+        return self._copy(augment=augment)
+
+    def with_noise(self, noise: CorrelatedNoise | None) -> "StampRenderer":
+        """A shallow copy (same source, PSF, population) with other background noise (None = none)."""
+        return self._copy(noise=noise)
+
+    def _copy(self, **changes) -> "StampRenderer":
         new = object.__new__(StampRenderer)
         new.__dict__.update(self.__dict__)
-        new.augment = augment
+        new.__dict__.update(changes)
         return new
 
     # -- drawing ---------------------------------------------------------------------------
@@ -359,8 +366,32 @@ class StampRenderer:
             from tqdm.auto import tqdm
 
             it = tqdm(it, total=len(jobs), desc=f"rendering {n} stamps ({self.source.name})", unit="chunk")
-        parts = list(it)
-        if not parts:  # n = 0: an empty batch that still has every meta column
+        return self._joined(list(it))
+
+    def simulate_shifted(self, n: int, seed: int, shift_hlr: float, ring: bool = False,
+                         progress: bool = False) -> StampBatch:
+        """``n`` stamps whose centroid is moved by ``shift_hlr`` x each galaxy's (magnified) half-light
+        radius in a random direction (ring pairs share it). Galaxies, shears, directions and noise
+        depend only on ``seed``, so every ``shift_hlr`` shows the same galaxies (evaluate's
+        centroid study)."""
+        p_seq, n_seq, d_seq = np.random.SeedSequence([seed, 104729]).spawn(3)
+        params = self.sample_params(np.random.default_rng(p_seq), n, ring=ring)
+        phi_pair = np.random.default_rng(d_seq).uniform(0, 2 * np.pi, int(params.pair_id.max()) + 1)
+        phi = phi_pair[params.pair_id]
+        hlr = self.source.catalog["hlr_px"][params.galaxy_id.astype(np.int64)] * np.sqrt(params.mu)
+        params.dx = shift_hlr * hlr * np.cos(phi)
+        params.dy = shift_hlr * hlr * np.sin(phi)
+        nrng = np.random.default_rng(n_seq)
+        starts = range(0, n, 256)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=f"rendering shift {shift_hlr:g} hlr", leave=False)
+        return self._joined([self.render(params.subset(slice(s, s + 256)), nrng) for s in starts])
+
+    def _joined(self, parts: list[StampBatch]) -> StampBatch:
+        """One batch of the rendered ``parts`` (n = 0: an empty batch that still has every meta column)."""
+        if not parts:
             return StampBatch(np.zeros((0, self.stamp_size, self.stamp_size), np.float32),
                               {k: np.zeros(0) for k in META_KEYS}, [])
         stamps = np.concatenate([b.stamps for b in parts])
@@ -387,82 +418,3 @@ class _ChunkJobs:
         sub = self.params.subset(slice(j * self.chunk, (j + 1) * self.chunk))
         seq = np.random.SeedSequence(self.entropy, spawn_key=(*self.spawn_key, int(j)))
         return self.renderer.render(sub, np.random.default_rng(seq))
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: python -m wlshear.sim.render
-
-
-def build_source(name: str, catalog_dir=None, gsparams=None, **kw) -> GalaxySource:
-    """Source by name: 'parametric' (embedded), 'cosmos' (real), 'cosmos_parametric'."""
-    from wlshear.sim.sources import CosmosSource, ParametricSource
-
-    if name == "parametric":
-        return ParametricSource(gsparams=gsparams, **kw)
-    if name in ("cosmos", "cosmos_parametric"):
-        if catalog_dir is None:
-            raise ValueError(f"source {name!r} needs --catalog-dir (a GalSim COSMOS catalogue directory)")
-        return CosmosSource(catalog_dir, use_real=(name == "cosmos"), gsparams=gsparams, **kw)
-    raise ValueError(f"unknown source {name!r}; choose parametric, cosmos or cosmos_parametric")
-
-
-def main(argv=None) -> int:
-    import argparse
-    import sys
-
-    from wlshear.metrics.plots import plot_stamp_grid
-
-    from wlshear.utils.validate import Float, Int, cli_path, cli_type
-
-    ap = argparse.ArgumentParser(prog="python -m wlshear.sim.render",
-                                 description="Render CLASH-like galaxy stamps to a file, plus a PNG grid.")
-    ap.add_argument("--n", type=cli_type(Int(1, 10**8)), default=1000, help="number of stamps (>= 1)")
-    ap.add_argument("--out", type=cli_path(STAMP_SUFFIXES), default="stamps.npz", help="output .npz or .fits")
-    ap.add_argument("--source", default="parametric", choices=["parametric", "cosmos", "cosmos_parametric"])
-    ap.add_argument("--catalog-dir", default=None, help="GalSim COSMOS catalogue directory")
-    ap.add_argument("--noise-scale", type=cli_type(Float(0, 100)), default=1.0,
-                    help="x the CLASH kernel (0 = noiseless)")
-    ap.add_argument("--noise-kernel", type=cli_path((".npy", ".txt"), must_exist=True), default=None,
-                    help="kernel file (.npy/.txt); default: embedded CLASH")
-    ap.add_argument("--test-mode", action="store_true", help="rotation and mirror only (no shift/magnification)")
-    ap.add_argument("--ring", action="store_true", help="90-degree ring pairs (shape-noise cancelling)")
-    ap.add_argument("--population", default="natural", choices=["natural", "homogenised", "matched"])
-    ap.add_argument("--target-catalog", type=cli_path((), must_exist=True), default=None,
-                    help="(mag, hlr_px) table for --population matched")
-    ap.add_argument("--backend", default="galsim", choices=sorted(_BACKENDS))
-    ap.add_argument("--seed", type=cli_type(Int(0)), default=0)
-    ap.add_argument("--grid", type=cli_path((".png", ".pdf", ".svg", ".jpg", ".jpeg")), default=None,
-                    help="image of normalised stamps (default: <out>.png)")
-    args = ap.parse_args(argv)
-    if args.source != "parametric" and not args.catalog_dir:
-        ap.error(f"--source {args.source} needs --catalog-dir (a GalSim COSMOS catalogue directory)")
-    if args.population == "matched" and not args.target_catalog:
-        ap.error("--population matched needs --target-catalog (a (mag, hlr_px) table)")
-    if args.ring and args.n % 2:
-        ap.error(f"--ring renders pairs: --n must be even, got {args.n}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    gsp = dict(minimum_fft_size=64, folding_threshold=1e-2, maxk_threshold=3e-3)
-    src = build_source(args.source, args.catalog_dir, gsparams=gsp)
-    mag_bins = [[16, 19.5], [19.5, 21.5], [21.5, 23.5]] if args.source != "parametric" else [[22, 24], [24, 25.5], [25.5, 27]]
-    aug = Augmentation()
-    renderer = StampRenderer(
-        src, CorrelatedNoise(args.noise_kernel, args.noise_scale) if args.noise_scale > 0 else None,
-        aug.test_mode() if args.test_mode else aug, population=args.population, mag_bins=mag_bins,
-        target_catalog=args.target_catalog, gsparams=gsp, backend=args.backend,
-    )
-    batch = renderer.simulate(args.n, args.seed, ring=args.ring, progress=True)
-    if len(batch) == 0:
-        print(f"error: all {args.n} stamps failed to render (nothing written); first failure: "
-              f"{batch.failures[0] if batch.failures else '?'}", file=sys.stderr)
-        return 1
-    out = batch.save(args.out)
-    grid = Path(args.grid) if args.grid else out.with_suffix(".png")
-    k = min(len(batch), 64)
-    titles = [f"g=({g1:+.2f},{g2:+.2f})" for g1, g2 in zip(batch.meta["g1"][:k], batch.meta["g2"][:k])]
-    plot_stamp_grid(batch.stamps[:k], grid, titles=titles)
-    print(f"wrote {len(batch)} stamps to {out} ({len(batch.failures)} failed and skipped); grid: {grid}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

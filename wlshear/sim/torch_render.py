@@ -76,6 +76,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from wlshear.sim.constants import PIXEL_SCALE, STAMP_SIZE
+
 log = logging.getLogger(__name__)
 
 
@@ -284,7 +286,7 @@ def _choose_period(kim: np.ndarray, dq: float, psf_sigma: float, stretch: float,
 
 def prepare_galaxy(gal, q_need: float, settings: TorchRenderSettings = SETTINGS, device="cpu",
                    dtype=torch.float32, psf_sigma: float = 0.05, stretch: float = 1.4,
-                   pixel_scale: float = 0.065, size: int = 32, shift: float = 3.5) -> PreparedGalaxy:
+                   pixel_scale: float = PIXEL_SCALE, size: int = STAMP_SIZE, shift: float = 3.5) -> PreparedGalaxy:
     """Sample the Fourier transform of GalSim profile ``gal`` for the torch renderer.
 
     q_need : largest |q| [rad / arcsec] the renderer will ask for. The other arguments (PSF

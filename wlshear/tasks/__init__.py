@@ -1,1 +1,3 @@
-"""The work behind the thin Hydra entry points: train, evaluate, infer_clash."""
+"""What the entry points run: train, evaluate (its studies and estimators), infer_clash, and the
+command-line tasks ``python -m wlshear.tasks.<name> key=value`` (render, mock_field, noise_kernel,
+fit_surface, summarize); ``rules``: every entry point's config value table."""

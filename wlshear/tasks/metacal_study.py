@@ -28,6 +28,7 @@ from wlshear.metrics.bias import bias_summary
 from wlshear.metrics.binned import to_csv
 from wlshear.metrics.plots import plot_bin_bias
 from wlshear.metrics.shear_pairs import binned_pair_bias, calibrated_sigma, pair_bias
+from wlshear.sim.constants import PIXEL_SCALE, PSF_FWHM, STAMP_SIZE
 from wlshear.sim.metacal import MetacalOperator, MetacalSettings
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,9 @@ def operator_for(est, data_cfg: dict, overrides: dict | None = None) -> tuple[Me
     if own is not None:
         settings = {**own.settings.to_dict(), **noise, **overrides}
         return MetacalOperator(MetacalSettings.from_dict(settings)), None
-    settings = dict(psf_fwhm=float(data_cfg.get("psf_fwhm", 0.121)), pixel_scale=float(data_cfg.get("pixel_scale", 0.065)),
-                    stamp_size=int(data_cfg.get("stamp_size", 32)), **noise, **overrides)
+    settings = dict(psf_fwhm=float(data_cfg.get("psf_fwhm", PSF_FWHM)),
+                    pixel_scale=float(data_cfg.get("pixel_scale", PIXEL_SCALE)),
+                    stamp_size=int(data_cfg.get("stamp_size", STAMP_SIZE)), **noise, **overrides)
     note = None if est is None else "the network was not trained on metacal counterfactual images"
     return MetacalOperator(MetacalSettings(**settings)), note
 

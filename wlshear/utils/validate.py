@@ -1,17 +1,20 @@
 """Config validation at start-up: every checked key has a type and an allowed range.
 
-The tables below map a full config key (``data.noise_scale``) to a :class:`Rule`. The Hydra tasks
-(train, evaluate, infer_clash) call :func:`validate_config` before anything is built or rendered,
-and :class:`~wlshear.data.ShearDataModule` checks its own arguments with the same ``data`` table,
-so a bad value gives one ``ConfigError`` (a ``ValueError``) that lists every offending key, its
-value and what is allowed, e.g.::
+This module is the vocabulary (:class:`Rule` and its shorthands ``Int``, ``Float``, ``File``, ...)
+and the checks; the tables that map a full config key (``data.noise_scale``) to a rule live with
+their configs: ``wlshear.data.rules.DATA_RULES`` (the ``data`` group, also checked by
+:class:`~wlshear.data.ShearDataModule` on its own arguments) and ``wlshear.tasks.rules`` (one table
+per entry point: train, evaluate, infer_clash and the command-line tasks). Every entry point calls
+:func:`validate_config` before anything is built or rendered, so a bad value gives one
+``ConfigError`` (a ``ValueError``) that lists every offending key, its value and what is allowed::
 
     invalid config value(s):
       data.noise_scale = -1.0: must be a number in [0, 100] (x the CLASH noise kernel; 0 = noiseless)
 
 Keys absent from a config are not checked (groups differ between model and source options);
-unset mandatory values (``???``) are reported by the tasks' own ``check_required``. Relations
-between keys (e.g. the data stamp size must equal the network's) are in :data:`RELATIONS`.
+unset mandatory values (``???``) are reported by the entry points (:func:`missing_message`).
+Relations between keys (e.g. the data stamp size must equal the network's) are passed as
+``relations``: ``(keys, check)`` pairs whose check returns a message or None.
 """
 
 from __future__ import annotations
@@ -19,20 +22,31 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 __all__ = [
     "ConfigError",
+    "MISSING",
     "Rule",
+    "Int",
+    "Float",
+    "Bool",
+    "Str",
+    "Choice",
+    "Choices",
+    "Floats",
+    "Pair",
+    "File",
+    "prefixed",
+    "even_when",
+    "parity",
+    "missing_message",
+    "problems",
     "validate_config",
     "validate_values",
-    "TRAIN_RULES",
-    "EVALUATE_RULES",
-    "INFER_CLASH_RULES",
-    "FIT_SURFACE_RULES",
-    "DATA_RULES",
 ]
 
 
@@ -41,6 +55,8 @@ class ConfigError(ValueError):
 
 
 _MISSING = object()
+#: what a relation's getter returns for a key the config does not have
+MISSING = _MISSING
 
 
 def _num(v: float) -> str:
@@ -52,12 +68,13 @@ class Rule:
     """Type and range of one config value.
 
     kind: ``int``, ``float`` (any real number), ``bool``, ``str``, ``choice`` (one of ``choices``),
-        ``floats`` (a list of numbers, each in the range), ``pair`` (two numbers lo <= hi in the
-        range), ``bools`` (a list of true/false), ``bins`` (an int >= lo, or an increasing list of
-        numbers).
+        ``choices`` (a list of values each one of ``choices``), ``floats`` (a list of numbers, each
+        in the range), ``pair`` (two numbers lo <= hi in the range), ``bools`` (a list of
+        true/false), ``bins`` (an int >= lo, or an increasing list of numbers), ``file`` (a path
+        whose suffix is one of ``choices``, if any; existing with ``must_exist``).
     lo, hi: inclusive bounds (None = unbounded); ``lo_open`` / ``hi_open`` make them exclusive.
     nullable: None (YAML ``null``) is allowed.
-    min_len: minimum list length for list kinds.
+    min_len: minimum list length for list kinds; ``length``: exact length.
     increasing: list kinds must be strictly increasing.
     note: what the value means, appended to the message.
     """
@@ -73,6 +90,8 @@ class Rule:
     increasing: bool = False
     note: str = ""
     specials: tuple = ()  # values accepted as they are (e.g. "auto"), besides the kind's
+    length: int | None = None  # list kinds: exact length
+    must_exist: bool = False  # file: the path must name an existing file
 
     # -- description --------------------------------------------------------------------------
     def _range(self) -> str:
@@ -101,9 +120,17 @@ class Rule:
             s = "a string"
         elif k == "choice":
             s = "one of " + ", ".join(repr(c) for c in self._choices())
+        elif k == "choices":
+            s = "a list of values, each one of " + ", ".join(repr(c) for c in self._choices())
         elif k == "floats":
-            s = f"a list of {'>= ' + str(self.min_len) + ' ' if self.min_len > 1 else ''}numbers" + (
+            count = (f"{self.length} " if self.length else
+                     f"{'>= ' + str(self.min_len) + ' ' if self.min_len > 1 else ''}")
+            s = f"a list of {count}numbers" + (
                 f", each{self._range()}" if self._range() else "") + (", increasing" if self.increasing else "")
+        elif k == "file":
+            c = self._choices()
+            ending = "" if not c else " ending in " + (c[0] if len(c) == 1 else ", ".join(c[:-1]) + " or " + c[-1])
+            s = ("the path of an existing file" if self.must_exist else "a file path") + ending
         elif k == "pair":
             s = "a list of two numbers [lo, hi] with lo <= hi" + (f", both{self._range()}" if self._range() else "")
         elif k == "bools":
@@ -142,6 +169,8 @@ class Rule:
     def _list_ok(self, v: Any, check_item: Callable[[Any], bool]) -> bool:
         if not isinstance(v, (list, tuple)) or len(v) < self.min_len:
             return False
+        if self.length is not None and len(v) != self.length:
+            return False
         if not all(check_item(x) for x in v):
             return False
         if self.increasing and any(float(b) <= float(a) for a, b in zip(v, v[1:])):
@@ -168,6 +197,15 @@ class Rule:
             return isinstance(v, str)
         if k == "choice":
             return isinstance(v, str) and v in self._choices()
+        if k == "choices":
+            return self._list_ok(v, lambda x: isinstance(x, str) and x in self._choices())
+        if k == "file":
+            if not isinstance(v, str) or not v:
+                return False
+            suffixes = self._choices()
+            if suffixes and Path(v).suffix.lower() not in suffixes:
+                return False
+            return not self.must_exist or Path(v).expanduser().is_file()
         if k == "floats":
             return self._list_ok(v, self._number_ok)
         if k == "pair":
@@ -211,239 +249,61 @@ def Pair(lo=None, hi=None, note="", **kw) -> Rule:  # noqa: N802
     return Rule("pair", lo, hi, note=note, **kw)
 
 
-def _backends() -> tuple:
-    from wlshear.sim.render import _BACKENDS
-
-    return tuple(sorted(_BACKENDS))
+def Str(note="", **kw) -> Rule:  # noqa: N802
+    return Rule("str", note=note, **kw)
 
 
-POPULATIONS = ("natural", "homogenised", "matched")
-
-#: ``data`` group (ShearDataModule and its source), relative keys.
-DATA_RULES: dict[str, Rule] = {
-    "noise_scale": Float(0, 100, "x the CLASH noise kernel; 0 = noiseless, paper: 1, 0.5, 0.25"),
-    "psf_fwhm": Float(0, 2, "arcsec", lo_open=True),
-    "pixel_scale": Float(0, 1, "arcsec per pixel", lo_open=True),
-    "stamp_size": Int(8, 256, "pixels; the networks take 32"),
-    "backend": Choice(_backends),
-    "train_population": Choice(*POPULATIONS),
-    "eval_population": Choice(*POPULATIONS),
-    "samples_per_epoch": Int(1),
-    "val_size": Int(1),
-    "test_size": Int(1),
-    "refit_size": Int(0, specials=("auto",), note="'auto': 2 x (features + 1) of the network"),
-    "test_ring": Bool(),
-    "batch_size": Int(1),
-    "eval_batch_size": Int(1),
-    "num_workers": Int(0, 256),
-    "chunk": Int(1),
-    "render_margin": Int(0, 64, "pixels rendered beyond each stamp edge (the metacal operator's input margin)"),
-    "seed": Int(0),
-    "group_size": Int(2, note="stamps per galaxy group"),
-    "same_noise": Bool(),
-    "max_failure_fraction": Float(0, 1, "largest fraction of a cached set's stamps allowed to fail to render"),
-    "stream_max_failure_fraction": Float(0, 1, "largest running fraction of training stamps allowed to fail"),
-    "augment.rotation": Bool(),
-    "augment.mirror": Bool(),
-    "augment.mirror_prob": Float(0, 1),
-    "augment.magnification": Pair(0, 10, "uniform magnification range; null = none", lo_open=True, nullable=True),
-    "augment.shift": Float(0, 16, "pixels"),
-    "augment.shear_max": Float(0, 1, lo_open=True, hi_open=True),
-    # parametric source
-    "source.n_galaxies": Int(1),
-    "source.mag_sd": Float(0, 10, lo_open=True),
-    "source.mag_range": Pair(0, 40, "magnitudes; null = no cut (COSMOS)", nullable=True),
-    "source.hlr_median_px": Float(0, 100, "pixels", lo_open=True),
-    "source.hlr_log_scatter": Float(0, 2),
-    "source.hlr_range_px": Pair(0, 1000, "pixels", lo_open=True),
-    "source.p_bulge_disk": Float(0, 1),
-    "source.bulge_hlr_ratio": Float(0, 10, lo_open=True),
-    "source.bulge_frac_range": Pair(0, 1),
-    "source.sersic_grid": Floats(0.3, 6.2, "GalSim Sersic indices"),
-    "source.p_knots": Float(0, 1),
-    "source.knot_frac_range": Pair(0, 1),
-    "source.n_knots": Int(1, 25),
-    "source.e_sigma": Float(0, 1, lo_open=True),
-    "source.e_max": Float(0, 1, lo_open=True, hi_open=True),
-    # COSMOS source
-    "source.use_real": Bool(),
-    "source.exclusion_level": Choice("none", "bad_stamp", "bad_fits", "marginal"),
-    "source.alpha": Float(0, 10, lo_open=True),
-    "source.mask_threshold": Float(0, note="pre-mask counts", nullable=True),
-    "source.flux_factor": Float(0, note="-> CLASH counts", lo_open=True),
-}
-
-MODEL_RULES: dict[str, Rule] = {
-    "optimizer.lr": Float(0, 10, lo_open=True),
-    "net.dropout": Float(0, 1, hi_open=True),
-    "net.stamp_size": Int(5, 256, "pixels"),
-    "shear_max": Float(0, 1, lo_open=True, hi_open=True),
-    "scheduler.factor": Float(0, 1, lo_open=True, hi_open=True),
-    "scheduler.patience": Int(0),
-    "scheduler.min_lr": Float(0),
-    "symmetrize_eval": Bool(),
-    "objective.slope_weight": Float(0),
-    "objective.mse_weight": Float(0),
-    "objective.target_slope": Float(0, 10, lo_open=True),
-    "objective.debias": Bool(),
-}
-
-TRAINER_RULES: dict[str, Rule] = {
-    "max_epochs": Int(-1, note="-1 = no limit"),
-    "min_epochs": Int(0, nullable=True),
-    "max_steps": Int(-1, note="-1 = no limit"),
-    "log_every_n_steps": Int(1),
-    "check_val_every_n_epoch": Int(1, nullable=True),
-    "num_sanity_val_steps": Int(-1),
-    "deterministic": Bool(),
-}
-
-REFIT_RULES: dict[str, Rule] = {
-    "enabled": Bool(),
-    "n": Int(1, specials=("auto",), note="refit stamps; 'auto': 2 x (features + 1) of the network"),
-    "batch_size": Int(1),
-    "allow_untrained": Bool(note="write estimator_refit.pt even when no training step ran"),
-}
+def Choices(*choices, note="", **kw) -> Rule:  # noqa: N802
+    return Rule("choices", choices=choices, note=note, **kw)
 
 
-METACAL_RULES: dict[str, Rule] = {
-    "reconv_factor": Float(1, lo_open=True, note="reconvolution FWHM / PSF FWHM (must exceed 1)"),
-    "step": Float(0, 0.2, lo_open=True, hi_open=True, note="the metacal shear d"),
-    "fixnoise": Bool(),
-    "fixnoise_scheme": Choice("isotropic", "ngmix"),
-    "interpolant": Choice("sinc", "quintic"),
-    "maxk_threshold": Float(0, 1, lo_open=True, hi_open=True),
-    "oversample": Int(2),
-    "margin": Int(0, 64, "pixels: input stamps are stamp_size + 2 margin"),
-}
+def File(*suffixes, must_exist: bool = False, note="", **kw) -> Rule:  # noqa: N802
+    """A file path ending in one of ``suffixes`` (any when none are given)."""
+    return Rule("file", choices=tuple(s.lower() for s in suffixes), must_exist=must_exist, note=note, **kw)
 
 
-def _prefixed(prefix: str, table: Mapping[str, Rule]) -> dict[str, Rule]:
+def prefixed(prefix: str, table: Mapping[str, Rule]) -> dict[str, Rule]:
+    """``table`` with every key under ``prefix`` (``noise_scale`` -> ``data.noise_scale``)."""
     return {f"{prefix}.{k}": v for k, v in table.items()}
 
 
-TRAIN_RULES: dict[str, Rule] = {
-    "seed": Int(0),
-    "train": Bool(),
-    "auto_resume": Bool(),
-    **_prefixed("data", DATA_RULES),
-    **_prefixed("model", MODEL_RULES),
-    **_prefixed("trainer", TRAINER_RULES),
-    **_prefixed("refit", REFIT_RULES),
-    **_prefixed("metacal", METACAL_RULES),
-    "evaluate.enabled": Bool(),
-    "evaluate.symmetrize": Bool(),
-    "evaluate.report_val_mse": Bool(),
-}
-
-EVALUATE_RULES: dict[str, Rule] = {
-    "seed": Int(0),
-    **_prefixed("data", {**DATA_RULES, "refit_size": Int(0, specials=("auto",))}),
-    "trust_checkpoints": Bool(),
-    "symmetrize": Rule("bools", note="evaluate without (false) and/or with (true) the symmetry average"),
-    "batch_size": Int(1),
-    "test.n": Int(2, note="test stamps"),
-    "test.ring": Bool(),
-    "test.seed_offset": Int(0),
-    "bootstrap": Int(0),
-    "target_sigma_m": Float(0, lo_open=True),
-    "plots.scatter": Bool(),
-    "studies.metacal.enabled": Bool(),
-    "studies.metacal.n": Int(2, nullable=True, note="test stamps for the metacal rows"),
-    "studies.metacal.real.enabled": Bool(),
-    "studies.metacal.real.n_orient": Int(1, note="orientations per real galaxy"),
-    "studies.metacal.real.shear": Float(0, 0.2, lo_open=True),
-    "studies.magnitude.enabled": Bool(),
-    "studies.magnitude.key": Choice("mag", "mag_source"),
-    "studies.magnitude.bins": Rule("bins", 1),
-    "studies.conditional.enabled": Bool(),
-    "studies.conditional.all_estimators": Bool(),
-    "studies.shear.enabled": Bool(),
-    "studies.shear.bins": Int(1),
-    "studies.shear.range": Pair(-1, 1),
-    "studies.centroid.enabled": Bool(),
-    "studies.centroid.n": Int(2),
-    "studies.centroid.shifts_hlr": Floats(0, 10, "half-light radii"),
-    "studies.background.enabled": Bool(),
-    "studies.background.n": Int(1, nullable=True),
-    "studies.background.offsets_sigma": Floats(-1e3, 1e3, "x noise sigma"),
-    "studies.noise.enabled": Bool(),
-    "studies.noise.n": Int(2),
-    "studies.noise.levels": Floats(0, 100, "x the CLASH noise kernel"),
-}
-
-#: conf/fit_surface.yaml (the data config of ``python -m wlshear.calibration.fit_surface``)
-FIT_SURFACE_RULES: dict[str, Rule] = {"seed": Int(0), **_prefixed("data", {**DATA_RULES, "refit_size": Int(0, specials=("auto",))})}
-
-INFER_CLASH_RULES: dict[str, Rule] = {
-    "seed": Int(0),
-    "symmetrize": Bool(),
-    "batch_size": Int(1),
-    "shear_calibration": Choice("simulation", "metacal", note="the estimator's own calibration, or metacal responses"),
-    "allow_uncalibrated": Bool(note="accept an estimator without a fitted calibration (e.g. a Lightning .ckpt)"),
-    "io.min_weight": Float(0),
-    "io.require_all_filters": Bool(),
-    "detection.thresh": Float(0, lo_open=True, note="x per-pixel error"),
-    "detection.minarea": Int(1, note="pixels"),
-    "detection.deblend_nthresh": Int(1),
-    "detection.deblend_cont": Float(0, 1),
-    "detection.bkg_box": Int(1, note="pixels"),
-    "detection.match_radius_arcsec": Float(0, lo_open=True),
-    "cuts.min_mean_ivar": Float(0),
-    "cuts.require_match": Bool(),
-    "cuts.star_plot": Bool(),
-    "maps.scales_arcsec": Floats(0, lo_open=True),
-    "maps.cell_arcsec": Float(0, lo_open=True),
-    "maps.n_boot": Int(2),
-    "maps.whisker_every": Int(1, nullable=True),
-    "holdout_fraction": Float(0, 1, lo_open=True, hi_open=True),
-    "calibration.sample_fraction": Float(0, 1, lo_open=True),
-    "calibration.min_points": Int(3),
-    "calibration.n_boot": Int(0),
-    "profile.bins_arcsec": Floats(0, min_len=2, increasing=True, note="annulus edges, arcsec"),
-    "profile.min_per_bin": Int(1),
-    "fail_exit_code": Int(0, 255),
-    "progress": Bool(),
-}
-
-
-def _same_stamp_size(get: Callable[[str], Any]) -> str | None:
-    a, b = get("data.stamp_size"), get("model.net.stamp_size")
-    if a is _MISSING or a is None or get("model") is _MISSING:
-        return None
-    b = 32 if b is _MISSING or b is None else b
-    if a != b:
-        return (f"data.stamp_size = {a} but the network takes {b}x{b} stamps (model.net.stamp_size = {b}); "
-                "set both to the same value")
-    return None
-
-
-def _sizes_vs_groups(get: Callable[[str], Any]) -> str | None:
-    k, b = get("data.group_size"), get("data.batch_size")
-    if k is _MISSING or b is _MISSING or not isinstance(k, int) or not isinstance(b, int):
-        return None
-    if b < k:
-        return f"data.batch_size = {b} is smaller than data.group_size = {k}; a batch must hold at least one group"
-    return None
-
-
-def _even_ring(n_key: str, ring_key: str) -> Callable[[Callable[[str], Any]], str | None]:
+def even_when(n_key: str, flag_key: str, why: str = "renders 90-degree ring pairs") -> Callable[[Callable[[str], Any]], str | None]:
+    """A relation: ``n_key`` must be even when ``flag_key`` is true."""
     def check(get: Callable[[str], Any]) -> str | None:
-        n, ring = get(n_key), get(ring_key)
-        if ring is True and isinstance(n, int) and n % 2:
-            return f"{n_key} = {n} must be even: {ring_key} = true renders 90-degree ring pairs"
+        n, flag = get(n_key), get(flag_key)
+        if flag is True and isinstance(n, int) and n % 2:
+            return f"{n_key} = {n} must be even: {flag_key} = true {why}"
         return None
     return check
 
 
-#: checks between keys: (keys, check); a check returns a message or None, and is skipped when one
-#: of its keys already broke its own rule
-RELATIONS: tuple[tuple[tuple[str, ...], Callable[[Callable[[str], Any]], str | None]], ...] = (
-    (("data.stamp_size", "model.net.stamp_size"), _same_stamp_size),
-    (("data.group_size", "data.batch_size"), _sizes_vs_groups),
-    (("data.test_size", "data.test_ring"), _even_ring("data.test_size", "data.test_ring")),
-    (("test.n", "test.ring"), _even_ring("test.n", "test.ring")),
-)
+def parity(key: str, odd: bool, why: str) -> Callable[[Callable[[str], Any]], str | None]:
+    """A relation: the integer at ``key`` must be odd (``odd=True``) or even."""
+    def check(get: Callable[[str], Any]) -> str | None:
+        v = get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v % 2 != int(odd):
+            return f"{key} = {v} must be {'odd' if odd else 'even'} ({why})"
+        return None
+    return check
+
+
+def missing_message(cfg: DictConfig, example: str) -> str | None:
+    """A message naming the mandatory values (``???``) ``cfg`` leaves unset, or None."""
+    def walk(node, prefix: str):
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for k, v in items:
+            key = f"{prefix}{k}" if isinstance(node, dict) else f"{prefix[:-1]}[{k}]"
+            if v == "???":
+                yield key
+            else:
+                yield from walk(v, key + ".")
+
+    # unresolved: other values may interpolate run-time values (hydra:...) that a composed config lacks
+    missing = sorted(walk(OmegaConf.to_container(cfg, resolve=False), ""))
+    if not missing:
+        return None
+    return (f"these config values are required but unset: {', '.join(missing)}. Pass them on the command line, "
+            f"e.g. `{example}`")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,7 +338,7 @@ def _fmt(v: Any) -> str:
     return repr(v) if isinstance(v, str) else str(v).replace("True", "true").replace("False", "false")
 
 
-def problems(cfg: Any, rules: Mapping[str, Rule], relations=RELATIONS) -> list[str]:
+def problems(cfg: Any, rules: Mapping[str, Rule], relations=()) -> list[str]:
     """Messages for every value of ``cfg`` (DictConfig or nested dict) that breaks its rule."""
     get = _getter(cfg)
     out, bad = [], set()
@@ -488,7 +348,7 @@ def problems(cfg: Any, rules: Mapping[str, Rule], relations=RELATIONS) -> list[s
             continue
         if not rule.ok(v):
             bad.add(key)
-            kind = " (a string)" if isinstance(v, str) and rule.kind not in ("str", "choice") else ""
+            kind = " (a string)" if isinstance(v, str) and rule.kind not in ("str", "choice", "file") else ""
             out.append(f"{key} = {_fmt(v)}{kind}: must be {rule.describe()}")
     for keys, rel in relations or ():
         if bad.intersection(keys):
@@ -499,7 +359,7 @@ def problems(cfg: Any, rules: Mapping[str, Rule], relations=RELATIONS) -> list[s
     return out
 
 
-def validate_config(cfg: Any, rules: Mapping[str, Rule], what: str = "config", relations=RELATIONS) -> None:
+def validate_config(cfg: Any, rules: Mapping[str, Rule], what: str = "config", relations=()) -> None:
     """Raise :class:`ConfigError` listing every value of ``cfg`` that breaks ``rules``."""
     msgs = problems(cfg, rules, relations)
     if msgs:
@@ -525,45 +385,3 @@ def validate_values(values: Mapping[str, Any], rules: Mapping[str, Rule], prefix
             for k, v in flat.items() if not rules[k[len(prefix):]].ok(_plain(v))]
     if msgs:
         raise ConfigError(f"invalid {what}(s):\n  " + "\n  ".join(msgs))
-
-
-# ---------------------------------------------------------------------------------------------
-# command-line arguments: argparse ``type=`` functions with the same vocabulary
-
-def cli_type(rule: Rule, parse: Callable[[str], Any] | None = None) -> Callable[[str], Any]:
-    """An argparse ``type`` that parses a string (int for ``int`` rules, float for ``float``) and
-    checks it against ``rule``; argparse then reports ``argument --n: ... must be an integer >= 1``
-    before any work starts."""
-    import argparse
-
-    conv = parse or (int if rule.kind == "int" else float)
-
-    def check(text: str) -> Any:
-        try:
-            v = conv(text)
-        except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"{text!r} must be {rule.describe()}") from None
-        if not rule.ok(v):
-            raise argparse.ArgumentTypeError(f"{text} must be {rule.describe()}")
-        return v
-
-    check.__name__ = rule.describe()
-    return check
-
-
-def cli_path(suffixes: Sequence[str], must_exist: bool = False) -> Callable[[str], str]:
-    """An argparse ``type`` for a file path with one of ``suffixes`` (and, optionally, existing)."""
-    import argparse
-    from pathlib import Path
-
-    def check(text: str) -> str:
-        p = Path(text)
-        if suffixes and p.suffix.lower() not in suffixes:
-            raise argparse.ArgumentTypeError(f"{text!r}: unsupported file type {p.suffix or '(none)'!r}; use "
-                                             + " or ".join(suffixes))
-        if must_exist and not p.is_file():
-            raise argparse.ArgumentTypeError(f"{text!r}: no such file (absolute: {p.resolve()})")
-        return text
-
-    check.__name__ = "path"
-    return check

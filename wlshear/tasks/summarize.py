@@ -1,7 +1,9 @@
 """Summarise a Hydra multirun of train.py: one row per job, a CSV, a Markdown table and a plot.
 
-    python -m wlshear.summarize outputs/train/multiruns/<stamp>
-    python -m wlshear.summarize <dir> --group-by model --x data.noise_scale --out <dir>/summary
+    python -m wlshear.tasks.summarize dir=outputs/train/multiruns/<stamp>
+    python -m wlshear.tasks.summarize dir=<dir> group_by=model x=data.noise_scale out=<dir>/summary
+
+Composes ``conf/summarize.yaml``.
 
 Each job directory (``<dir>/<job num>/``) is read for ``metrics.json`` (written by train.py at the
 end of a job), ``config_resolved.yaml`` and ``.hydra/overrides.yaml`` / ``.hydra/hydra.yaml``
@@ -13,14 +15,13 @@ noise_scale, source, val_mse, and the test-set summary m1, m2, c1, c2, sigma1, s
 symmetrised and calibrated estimator when refit was enabled), plus their component averages
 ``m = (m1 + m2) / 2`` and ``sigma = sqrt((sigma1^2 + sigma2^2) / 2)``.
 
-The plot (``summary.png``) shows sigma and m against the noise level (the ``--x`` column, default
+The plot (``summary.png``) shows sigma and m against the noise level (the ``x`` column, default
 ``noise_scale``, i.e. the multiple of the CLASH background noise kernel) with one line per
-architecture (``--group-by``, default ``model``).
+architecture (``group_by``, default ``model``).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -28,6 +29,18 @@ import sys
 from pathlib import Path
 
 import yaml
+
+from omegaconf import DictConfig
+
+from wlshear.metrics.plots import plot_summary
+from wlshear.tasks.rules import SUMMARIZE_RULES
+from wlshear.utils.hydra import cli_main
+
+
+#: ``python -m wlshear.tasks.summarize key=value ...``
+main = cli_main("summarize", lambda cfg: summarize_task(cfg), SUMMARIZE_RULES, (),
+                example="python -m wlshear.tasks.summarize dir=outputs/train/multiruns/<stamp>", doc=__doc__)
+
 
 SUMMARY_KEYS = ("m1", "m2", "c1", "c2", "sigma1", "sigma2")
 COLUMNS = ("job", "status", "overrides", "model", "net", "experiment", "noise_scale", "source",
@@ -150,50 +163,10 @@ def summarize(root: Path, out: Path | None = None, group_by: str = "model", x: s
     return paths
 
 
-def plot_summary(rows: list[dict], path: Path, group_by: str = "model", x: str = "noise_scale") -> Path:
-    """sigma and m (component averages) vs ``x`` with one line per ``group_by`` value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in rows if r["status"] == "ok" and r.get(x) is not None and r.get("sigma") is not None]
-    fig, (ax_s, ax_m) = plt.subplots(1, 2, figsize=(9, 3.6))
-    groups: dict[str, list[dict]] = {}
-    for r in ok:
-        groups.setdefault(str(r.get(group_by)), []).append(r)
-    for name, rs in sorted(groups.items()):
-        rs = sorted(rs, key=lambda r: float(r[x]))
-        xs = [float(r[x]) for r in rs]
-        ax_s.plot(xs, [r["sigma"] for r in rs], "o-", label=name)
-        ax_m.plot(xs, [r["m"] for r in rs], "o-", label=name)
-    ax_s.set_xlabel(f"{x} (x CLASH noise)" if x == "noise_scale" else x)
-    ax_m.set_xlabel(f"{x} (x CLASH noise)" if x == "noise_scale" else x)
-    ax_s.set_ylabel(r"$\sigma$ (calibrated, per galaxy)")
-    ax_m.set_ylabel(r"$m = (m_1 + m_2) / 2$")
-    ax_m.axhline(0.0, color="0.6", lw=0.8)
-    for ax in (ax_s, ax_m):
-        ax.grid(alpha=0.3)
-    if groups:
-        ax_s.legend(title=group_by, fontsize=8)
-    else:
-        ax_s.text(0.5, 0.5, "no complete jobs", ha="center", va="center", transform=ax_s.transAxes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m wlshear.summarize", description=__doc__.split("\n\n")[0])
-    ap.add_argument("multirun_dir", type=Path, help="a Hydra multirun directory (hydra.sweep.dir)")
-    ap.add_argument("--out", type=Path, default=None, help="output path stem (default <dir>/summary)")
-    ap.add_argument("--group-by", default="model", help="column giving one plot line each (default model)")
-    ap.add_argument("--x", default="noise_scale", help="plot abscissa column (default noise_scale)")
-    ap.add_argument("--no-plot", action="store_true")
-    args = ap.parse_args(argv)
+def summarize_task(cfg: DictConfig) -> int:
     try:
-        paths = summarize(args.multirun_dir, args.out, group_by=args.group_by, x=args.x, plot=not args.no_plot)
+        paths = summarize(Path(cfg.dir), Path(cfg.out) if cfg.out else None, group_by=str(cfg.group_by), x=str(cfg.x),
+                          plot=bool(cfg.plot))
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

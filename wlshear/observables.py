@@ -1,29 +1,32 @@
-"""Simple stamp photometry: half-light radius, aperture flux, magnitude and S/N.
+"""Measured galaxy observables of stamps: half-light radius, aperture flux, magnitude and S/N.
+
+A leaf of the package (it imports only :mod:`wlshear.sim.constants`): the models (calibration
+surfaces), the calibration fits, the baselines (moments weight width) and the metrics (conditional
+bias bins) all measure galaxies through these functions.
 
 All functions work on stamps following ``docs/CONVENTIONS.md``: arrays ``(32, 32)`` or
 ``(N, 32, 32)`` with axis 0 = y (row), axis 1 = x (column), pixel values in CLASH counts, and the
 galaxy centre at the 0-indexed pixel position (x, y) = (15.5, 15.5) for a 32 px stamp (in general
 ``((nx - 1) / 2, (ny - 1) / 2)``). Radii are in pixels (0.065 arcsec each).
 
-These observables are used to bin shear-estimation results by *measured* quantities, and the
-half-light radius sets the weight width of the moments baseline.
+These observables are used to bin shear-estimation results by *measured* quantities, to evaluate
+calibration surfaces m(observables), and the half-light radius sets the weight width of the
+moments baseline.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from wlshear.sim.constants import ZP_CLASH
+
 __all__ = [
-    "CLASH_ZEROPOINT",
     "as_stamp_batch",
     "stamp_radii",
     "half_light_radius",
     "aperture_flux",
     "measure_observables",
 ]
-
-#: CLASH ACS magnitude zero-point (counts -> AB magnitude).
-CLASH_ZEROPOINT = 25.4193
 
 #: Default aperture radius in pixels: the largest circle inscribed in a 32 px stamp.
 DEFAULT_APERTURE_RADIUS = 15.5
@@ -169,7 +172,7 @@ def _aperture_noise_sigma(mask: np.ndarray, noise_sigma: float | None, noise_ker
 
 def measure_observables(
     stamps,
-    zeropoint: float = CLASH_ZEROPOINT,
+    zeropoint: float = ZP_CLASH,
     noise_sigma: float | None = None,
     noise_kernel=None,
     aperture_radius: float = DEFAULT_APERTURE_RADIUS,

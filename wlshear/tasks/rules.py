@@ -1,0 +1,300 @@
+"""Types and ranges of every entry point's config: train.py, evaluate.py, infer_clash.py and the
+command-line tasks (``python -m wlshear.tasks.<name> key=value ...``).
+
+Each table maps a full config key to a :class:`~wlshear.utils.validate.Rule`; :data:`RELATIONS`
+checks keys against each other. The entry points call ``validate_config(cfg, TABLE, what,
+RELATIONS)`` before anything is built or rendered. The ``data`` group's table is
+``wlshear.data.rules.DATA_RULES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from wlshear.calibration.surface import FEATURES
+from wlshear.data.rules import DATA_RULES, POPULATIONS
+from wlshear.sim.render import STAMP_SUFFIXES
+from wlshear.utils.validate import (
+    MISSING,
+    Bool,
+    Choice,
+    Choices,
+    File,
+    Float,
+    Floats,
+    Int,
+    Pair,
+    Rule,
+    Str,
+    even_when,
+    parity,
+    prefixed,
+)
+
+__all__ = ["TRAIN_RULES", "EVALUATE_RULES", "INFER_CLASH_RULES", "FIT_SURFACE_RULES", "RENDER_RULES",
+           "MOCK_FIELD_RULES", "NOISE_KERNEL_RULES", "SUMMARIZE_RULES", "RELATIONS", "RENDER_RELATIONS",
+           "MOCK_FIELD_RELATIONS", "NOISE_KERNEL_RELATIONS", "FIT_SURFACE_RELATIONS"]
+
+MODEL_RULES: dict[str, Rule] = {
+    "optimizer.lr": Float(0, 10, lo_open=True),
+    "net.dropout": Float(0, 1, hi_open=True),
+    "net.stamp_size": Int(5, 256, "pixels"),
+    "shear_max": Float(0, 1, lo_open=True, hi_open=True),
+    "scheduler.factor": Float(0, 1, lo_open=True, hi_open=True),
+    "scheduler.patience": Int(0),
+    "scheduler.min_lr": Float(0),
+    "symmetrize_eval": Bool(),
+    "objective.slope_weight": Float(0),
+    "objective.mse_weight": Float(0),
+    "objective.target_slope": Float(0, 10, lo_open=True),
+    "objective.debias": Bool(),
+}
+
+TRAINER_RULES: dict[str, Rule] = {
+    "max_epochs": Int(-1, note="-1 = no limit"),
+    "min_epochs": Int(0, nullable=True),
+    "max_steps": Int(-1, note="-1 = no limit"),
+    "log_every_n_steps": Int(1),
+    "check_val_every_n_epoch": Int(1, nullable=True),
+    "num_sanity_val_steps": Int(-1),
+    "deterministic": Bool(),
+}
+
+REFIT_RULES: dict[str, Rule] = {
+    "enabled": Bool(),
+    "n": Int(1, specials=("auto",), note="refit stamps; 'auto': 2 x (features + 1) of the network"),
+    "batch_size": Int(1),
+    "allow_untrained": Bool(note="write estimator_refit.pt even when no training step ran"),
+}
+
+
+METACAL_RULES: dict[str, Rule] = {
+    "reconv_factor": Float(1, lo_open=True, note="reconvolution FWHM / PSF FWHM (must exceed 1)"),
+    "step": Float(0, 0.2, lo_open=True, hi_open=True, note="the metacal shear d"),
+    "fixnoise": Bool(),
+    "fixnoise_scheme": Choice("isotropic", "ngmix"),
+    "interpolant": Choice("sinc", "quintic"),
+    "maxk_threshold": Float(0, 1, lo_open=True, hi_open=True),
+    "oversample": Int(2),
+    "margin": Int(0, 64, "pixels: input stamps are stamp_size + 2 margin"),
+}
+
+TRAIN_RULES: dict[str, Rule] = {
+    "seed": Int(0),
+    "train": Bool(),
+    "auto_resume": Bool(),
+    **prefixed("data", DATA_RULES),
+    **prefixed("model", MODEL_RULES),
+    **prefixed("trainer", TRAINER_RULES),
+    **prefixed("refit", REFIT_RULES),
+    **prefixed("metacal", METACAL_RULES),
+    "evaluate.enabled": Bool(),
+    "evaluate.symmetrize": Bool(),
+    "optimized_metric": Str(nullable=True, note="the metrics.json key train.py returns to a sweeper (hparams_search)"),
+}
+
+EVALUATE_RULES: dict[str, Rule] = {
+    "seed": Int(0),
+    **prefixed("data", DATA_RULES),
+    "trust_checkpoints": Bool(),
+    "symmetrize": Rule("bools", note="evaluate without (false) and/or with (true) the symmetry average"),
+    "batch_size": Int(1),
+    "test.n": Int(2, note="test stamps"),
+    "test.ring": Bool(),
+    "test.seed_offset": Int(0),
+    "bootstrap": Int(0),
+    "target_sigma_m": Float(0, lo_open=True),
+    "plots.scatter": Bool(),
+    "studies.metacal.enabled": Bool(),
+    "studies.metacal.n": Int(2, nullable=True, note="test stamps for the metacal rows"),
+    "studies.metacal.real.enabled": Bool(),
+    "studies.metacal.real.n_orient": Int(1, note="orientations per real galaxy"),
+    "studies.metacal.real.shear": Float(0, 0.2, lo_open=True),
+    "studies.magnitude.enabled": Bool(),
+    "studies.magnitude.key": Choice("mag", "mag_source"),
+    "studies.magnitude.bins": Rule("bins", 1),
+    "studies.conditional.enabled": Bool(),
+    "studies.conditional.all_estimators": Bool(),
+    "studies.shear.enabled": Bool(),
+    "studies.shear.bins": Int(1),
+    "studies.shear.range": Pair(-1, 1),
+    "studies.centroid.enabled": Bool(),
+    "studies.centroid.n": Int(2),
+    "studies.centroid.shifts_hlr": Floats(0, 10, "half-light radii"),
+    "studies.background.enabled": Bool(),
+    "studies.background.n": Int(1, nullable=True),
+    "studies.background.offsets_sigma": Floats(-1e3, 1e3, "x noise sigma"),
+    "studies.noise.enabled": Bool(),
+    "studies.noise.n": Int(2),
+    "studies.noise.levels": Floats(0, 100, "x the CLASH noise kernel"),
+}
+
+INFER_CLASH_RULES: dict[str, Rule] = {
+    "seed": Int(0),
+    "symmetrize": Bool(),
+    "batch_size": Int(1),
+    "shear_calibration": Choice("simulation", "metacal", note="the estimator's own calibration, or metacal responses"),
+    "allow_uncalibrated": Bool(note="accept an estimator without a fitted calibration (e.g. a Lightning .ckpt)"),
+    "io.min_weight": Float(0),
+    "io.require_all_filters": Bool(),
+    "detection.thresh": Float(0, lo_open=True, note="x per-pixel error"),
+    "detection.minarea": Int(1, note="pixels"),
+    "detection.deblend_nthresh": Int(1),
+    "detection.deblend_cont": Float(0, 1),
+    "detection.bkg_box": Int(1, note="pixels"),
+    "detection.match_radius_arcsec": Float(0, lo_open=True),
+    "cuts.min_mean_ivar": Float(0),
+    "cuts.require_match": Bool(),
+    "cuts.star_plot": Bool(),
+    "maps.scales_arcsec": Floats(0, lo_open=True),
+    "maps.cell_arcsec": Float(0, lo_open=True),
+    "maps.n_boot": Int(2),
+    "maps.whisker_every": Int(1, nullable=True),
+    "holdout_fraction": Float(0, 1, lo_open=True, hi_open=True),
+    "calibration.sample_fraction": Float(0, 1, lo_open=True),
+    "calibration.min_points": Int(3),
+    "calibration.n_boot": Int(0),
+    "profile.bins_arcsec": Floats(0, min_len=2, increasing=True, note="annulus edges, arcsec"),
+    "profile.min_per_bin": Int(1),
+    "fail_exit_code": Int(0, 255),
+    "progress": Bool(),
+}
+
+#: ``python -m wlshear.tasks.render`` (conf/render.yaml)
+RENDER_RULES: dict[str, Rule] = {
+    "seed": Int(0),
+    "n": Int(1, 10**8, "stamps"),
+    "out": File(*STAMP_SUFFIXES),
+    "grid": File(".png", ".pdf", ".svg", ".jpg", ".jpeg", nullable=True, note="null = <out>.png"),
+    "ring": Bool(),
+    "test_mode": Bool(note="rotation and mirror only"),
+    "population": Choice(*POPULATIONS),
+    **prefixed("data", DATA_RULES),
+    "data.noise_kernel": File(".npy", ".txt", must_exist=True, nullable=True, note="null = the embedded CLASH kernel"),
+    "data.target_catalog": File(must_exist=True, nullable=True, note="the (mag, hlr_px) table of population=matched"),
+}
+
+#: ``python -m wlshear.tasks.mock_field`` (conf/mock_field.yaml)
+MOCK_FIELD_RULES: dict[str, Rule] = {
+    "seed": Int(0),
+    "out": Str(note="output directory"),
+    "progress": Bool(),
+    **prefixed("data", {**DATA_RULES, "noise_scale": Float(0, 100, "x the CLASH kernel; > 0: the weight maps "
+                                                                   "are 1/sigma^2", lo_open=True)}),
+    **prefixed("mock", {
+        "cluster": Str(note="used in the file names"),
+        "size": Int(64, 100000, "field side in pixels"),
+        "n_galaxies": Int(1, nullable=True, note="null: 800 x (size/1200)^2"),
+        "min_sep_px": Float(0, note="minimum separation of objects [px]"),
+        "stamp_size": Int(8, 1024, "side of each galaxy's drawn stamp [px]"),
+        "m200": Float(0, lo_open=True, note="NFW M200 [Msun]"),
+        "conc": Float(0, 100, "NFW concentration", lo_open=True),
+        "z_lens": Float(0, 10, lo_open=True),
+        "z_source": Float(0, 20, lo_open=True),
+        "center": Floats(length=2, nullable=True, note="[x, y] lens centre in pixels; null = image centre"),
+        "magnification": Bool(),
+        "n_stars": Int(0),
+        "star_mag_range": Pair(0, 40),
+        "shallow_rect": Floats(length=4, nullable=True, note="[x0, y0, w, h] field fractions"),
+        "shallow_depth": Float(0, 1, lo_open=True),
+        "masked_rect": Floats(length=4, nullable=True, note="[x0, y0, w, h] field fractions"),
+        "nan_rect": Floats(length=4, nullable=True, note="[x0, y0, w, h] field fractions"),
+        "baseline_response": Float(0, lo_open=True, nullable=True, note="null: measured on n_calib stamps"),
+        "n_calib": Int(10),
+        "ra0": Float(0, 360),
+        "dec0": Float(-90, 90),
+    }),
+}
+
+#: ``python -m wlshear.tasks.noise_kernel`` (conf/noise_kernel.yaml)
+NOISE_KERNEL_RULES: dict[str, Rule] = {
+    "image": File(".fits", ".fit", ".fits.gz", must_exist=True),
+    "weight": File(".fits", ".fit", ".fits.gz", must_exist=True, nullable=True),
+    "out": File(".npy"),
+    "size": Int(1, 63, "kernel side [px], odd"),
+    "stride": Int(1),
+    "detect_thresh": Float(0, lo_open=True),
+    "dilate": Int(0),
+    "min_ivar": Float(0, nullable=True, note="absolute ivar floor"),
+    "min_ivar_frac": Float(0, 1, "floor as a fraction of the median ivar"),
+}
+
+#: ``python -m wlshear.tasks.fit_surface`` (conf/fit_surface.yaml)
+FIT_SURFACE_RULES: dict[str, Rule] = {
+    "seed": Int(0),
+    "estimator": File(".pt", ".ckpt", must_exist=True),
+    "out": File(".pt"),
+    **prefixed("data", DATA_RULES),
+    **prefixed("surface", {
+        "n": Int(40, note="stamps (ring pairs: n/2 galaxies)"),
+        "seed": Int(0, note="seed of the fitting set"),
+        "features": Choices(*sorted(FEATURES)),
+        "basis": Choice("poly", "linear"),
+        "degree": Int(0, 10, "total polynomial degree (basis poly)"),
+        "stages": Int(1, 10, "successive surface stages"),
+        "n_knots": Int(2, 100, "knots per feature (basis linear)"),
+        "symmetrize": Bool(),
+        "workers": Int(0, 256, "rendering worker processes"),
+    }),
+}
+
+#: ``python -m wlshear.tasks.summarize`` (conf/summarize.yaml)
+SUMMARIZE_RULES: dict[str, Rule] = {
+    "dir": Str(note="a Hydra multirun directory"),
+    "out": Str(nullable=True, note="output path stem; null = <dir>/summary"),
+    "group_by": Str(),
+    "x": Str(),
+    "plot": Bool(),
+}
+
+
+def _same_stamp_size(get: Callable[[str], Any]) -> str | None:
+    a, b = get("data.stamp_size"), get("model.net.stamp_size")
+    if a is MISSING or a is None or get("model") is MISSING:
+        return None
+    b = 32 if b is MISSING or b is None else b
+    if a != b:
+        return (f"data.stamp_size = {a} but the network takes {b}x{b} stamps (model.net.stamp_size = {b}); "
+                "set both to the same value")
+    return None
+
+
+def _sizes_vs_groups(get: Callable[[str], Any]) -> str | None:
+    k, b = get("data.group_size"), get("data.batch_size")
+    if k is MISSING or b is MISSING or not isinstance(k, int) or not isinstance(b, int):
+        return None
+    if b < k:
+        return f"data.batch_size = {b} is smaller than data.group_size = {k}; a batch must hold at least one group"
+    return None
+
+
+def _lens_behind(get: Callable[[str], Any]) -> str | None:
+    zl, zs = get("mock.z_lens"), get("mock.z_source")
+    if isinstance(zl, (int, float)) and isinstance(zs, (int, float)) and zs <= zl:
+        return f"mock.z_source = {zs} must be beyond mock.z_lens = {zl}"
+    return None
+
+
+def _matched_has_catalog(get: Callable[[str], Any]) -> str | None:
+    if get("population") == "matched" and get("data.target_catalog") in (None, MISSING):
+        return "population = 'matched' needs data.target_catalog (a (mag, hlr_px) table)"
+    return None
+
+
+#: checks between keys of train.py, evaluate.py and infer_clash.py configs: (keys, check); a check
+#: returns a message or None, and is skipped when one of its keys already broke its own rule (keys
+#: absent from a config read as MISSING and pass)
+RELATIONS: tuple[tuple[tuple[str, ...], Callable[[Callable[[str], Any]], str | None]], ...] = (
+    (("data.stamp_size", "model.net.stamp_size"), _same_stamp_size),
+    (("data.group_size", "data.batch_size"), _sizes_vs_groups),
+    (("data.test_size", "data.test_ring"), even_when("data.test_size", "data.test_ring")),
+    (("test.n", "test.ring"), even_when("test.n", "test.ring")),
+)
+RENDER_RELATIONS = (
+    (("n", "ring"), even_when("n", "ring")),
+    (("population", "data.target_catalog"), _matched_has_catalog),
+)
+MOCK_FIELD_RELATIONS = ((("mock.z_lens", "mock.z_source"), _lens_behind),)
+NOISE_KERNEL_RELATIONS = ((("size",), parity("size", odd=True, why="the kernel has a centre pixel")),)
+FIT_SURFACE_RELATIONS = ((("surface.n",), parity("surface.n", odd=False, why="the fitting set is made of ring pairs")),)
