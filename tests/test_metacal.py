@@ -206,9 +206,12 @@ def test_bad_input_gives_clear_errors():
     est = ShearEstimator(PaperCNN(), metacal=MetacalSettings(noise_scale=1.0))
     x = CorrelatedNoise(None, 1.0).sample(np.random.default_rng(2), 4)
     x[1, 3, 3] = np.nan
+    x[2] = 0.0            # blank
+    x[3] *= 1e-12         # not CLASH counts
     out = est.metacal(x)
-    assert out["failed"].tolist() == [False, True, False, False]
-    assert np.isnan(out["g"][1]).all() and np.isnan(out["R"][1]).all() and np.isfinite(out["g"][[0, 2, 3]]).all()
+    assert out["failed"].tolist() == [False, True, True, True]
+    assert [r.split(":")[0] for r in out["reasons"]] == ["", "non-finite", "all zero", "scale too small"]
+    assert np.isnan(out["g"][1:]).all() and np.isnan(out["R"][1:]).all() and np.isfinite(out["g"][0]).all()
     with pytest.raises(ValueError, match=r"side 32 \+ 2 x margin .* got side 16"):
         est.metacal(np.zeros((3, 16, 16), np.float32))
     with pytest.raises(ValueError, match=r"got side 35"):
@@ -314,6 +317,9 @@ def test_evaluate_metacal_study(tmp_path, cosmos_real_dir):
     assert bins == {"all", "0-23", "23-24", "24-25"}
     mm = [r for r in rows if r["estimator"] == "moments_metacal" and r["bin"] == "all"][0]
     assert np.isfinite(mm["m1"]) and mm["n_units"] == res["real_stamps"] // 8
+    # the operator's margin (8 px): the metacal stamps are a 48 x 48 copy of the test set; real
+    # galaxies masked before lensing
+    assert res["margin"] == 8 and res["real_mask_stage"] == "source"
 
 
 def _unweighted_moments(stamps):

@@ -51,6 +51,7 @@ from wlshear.clash.maps import (
 )
 from wlshear.clash.stamps import extract_stamps
 from wlshear.metrics.plots import plot_profile, plot_star_galaxy, plot_whiskers
+from wlshear.sim.constants import STAMP_SIZE
 from wlshear.utils.plain import to_plain
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,8 @@ class Shears:
 def measure_shear(fld: FieldStep, dets: Detections, sel: Selection, estimator, cfg) -> Shears:
     """Stamps of the selected sources and the CNN's shears on them; with
     ``shear_calibration=metacal`` every usable shear is divided by the field's mean response
-    (the cuts use the observed image's photometry, not counterfactuals: no selection response)."""
+    (the cuts use the observed image's photometry, not counterfactuals: no selection response).
+    Metacal stamps are ``stamp_size + 2 margin`` wide (``MetacalSettings.margin``)."""
     x = np.asarray(dets.det["x"], dtype=np.float64)
     y = np.asarray(dets.det["y"], dtype=np.float64)
     flags = sel.flags.copy()
@@ -194,8 +196,12 @@ def measure_shear(fld: FieldStep, dets: Detections, sel: Selection, estimator, c
     metacal = str(cfg.get("shear_calibration", "simulation")) == "metacal"
     resp = np.full((len(x), 2, 2), np.nan)
     progress = bool(cfg.get("progress", True))
+    # metacal stamps carry the operator's margin (the light just beyond the 32 x 32 box); a source
+    # whose wider box leaves the image is flagged STAMP_EDGE like any edge source
+    op = getattr(estimator, "metacal_operator", None) if metacal else None
+    size = op.settings.input_size if op is not None else STAMP_SIZE
     if sel_idx.size:
-        stamps, _, sflags = extract_stamps(fld.field.image, x[sel_idx], y[sel_idx], 32)
+        stamps, _, sflags = extract_stamps(fld.field.image, x[sel_idx], y[sel_idx], size)
         if metacal:
             mc = estimator.metacal(stamps, symmetrize=bool(cfg.symmetrize), batch_size=int(cfg.batch_size),
                                    seed=int(cfg.seed), progress=progress)

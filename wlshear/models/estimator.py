@@ -244,7 +244,9 @@ class ShearEstimator:
         - ``"g"``: ``(N, 2)`` network shears on the no-shear counterfactual (no simulation
           calibration: the response replaces it);
         - ``"R"``: ``(N, 2, 2)`` per-galaxy responses ``R[:, i, j] = (g_i(+d_j) - g_i(-d_j)) / (2 d)``;
-        - ``"failed"``: ``(N,)`` bool, True for stamps with non-finite pixels (their rows are NaN);
+        - ``"failed"``: ``(N,)`` bool, True for stamps without usable signal (their rows are NaN):
+          non-finite pixels, all zero, flat, or a pixel scale outside CLASH counts (as :meth:`predict`);
+        - ``"reasons"``: ``(N,)`` str, why (empty where usable);
         - with ``return_sheared``: ``"g_sheared"`` ``(N, 4, 2)`` on the 1p, 1m, 2p, 2m images (for
           selection responses, ``wlshear.calibration.metacal.selection_response``).
 
@@ -275,7 +277,7 @@ class ShearEstimator:
         n = x.shape[0]
         raw = np.full((n, len(names), 2), np.nan)
         x32 = x.float()
-        failed = ~torch.isfinite(x32.reshape(n, -1)).all(dim=1).numpy()
+        failed, reasons = check_stamps(x32.numpy())  # non-finite, blank, flat, not CLASH counts
         gen = _generator(seed)
         fields = _group_noise(op, noise_groups, n, gen, size)
         self.net.eval()
@@ -285,7 +287,11 @@ class ShearEstimator:
         resp = np.empty((n, 2, 2))
         resp[:, :, 0] = (raw[:, 1] - raw[:, 2]) / (2 * d)
         resp[:, :, 1] = (raw[:, 3] - raw[:, 4]) / (2 * d)
-        out = {"g": raw[:, 0].copy(), "R": resp, "failed": failed}
+        raw[failed] = np.nan
+        resp[failed] = np.nan
+        if failed.any():
+            log.warning("metacal: %d of %d stamps flagged (NaN rows): %s", failed.sum(), n, flag_summary(reasons))
+        out = {"g": raw[:, 0].copy(), "R": resp, "failed": failed, "reasons": reasons}
         if return_sheared:
             out["g_sheared"] = raw[:, 1:].copy()
         return out

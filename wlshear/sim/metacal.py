@@ -71,6 +71,7 @@ __all__ = [
     "MetacalOperator",
     "shear_matrix",
     "counterfactual_matrix",
+    "central",
 ]
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
@@ -273,6 +274,16 @@ def counterfactual_matrix(g1: float, g2: float, settings: MetacalSettings | None
     s = settings or MetacalSettings()
     m = int(s.margin if margin is None else margin)
     return _matrix_cached(float(g1), float(g2), _geometry(s), m).copy()
+
+
+def central(stamps: np.ndarray, size: int = STAMP_SIZE) -> np.ndarray:
+    """The central ``size`` x ``size`` pixels of stamps ``(..., S, S)`` (S - size even): the stamps
+    that estimators without a margin take, from stamps rendered or cut with one."""
+    s = stamps.shape[-1]
+    if s < size or (s - size) % 2 or stamps.shape[-2] != s:
+        raise ValueError(f"cannot take the central {size} x {size} of stamps shaped {tuple(stamps.shape)}")
+    o = (s - size) // 2
+    return stamps[..., o:o + size, o:o + size]
 
 
 def _rotated(m: np.ndarray, n: int, n_in: int | None = None) -> np.ndarray:

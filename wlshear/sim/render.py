@@ -205,6 +205,11 @@ class StampRenderer:
         """A shallow copy using other augmentation settings (e.g. ``augment.test_mode()``)."""
         return self._copy(augment=augment)
 
+    def with_stamp_size(self, stamp_size: int) -> "StampRenderer":
+        """A shallow copy drawing ``stamp_size`` x ``stamp_size`` stamps (same galaxy centre), e.g.
+        with the metacal operator's margin."""
+        return self._copy(stamp_size=int(stamp_size))
+
     def with_noise(self, noise: CorrelatedNoise | None) -> "StampRenderer":
         """A shallow copy (same source, PSF, population) with other background noise (None = none)."""
         return self._copy(noise=noise)

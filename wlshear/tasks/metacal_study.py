@@ -11,6 +11,14 @@ Two parts, both on stamps rendered at the test set's noise level:
    catalogue-magnitude bin for the CNN through metacal, the CNN with its simulation calibration,
    and the classical estimators. Skipped with a recorded reason when the directory is absent.
 
+Margin: the metacal operator needs the light beyond each 32 x 32 stamp (``wlshear.sim.metacal``),
+so with a margin > 0 (``studies.metacal.margin``; null = the largest of the estimators' own,
+``MetacalSettings.margin``) part 1 uses a copy of the test set (same seed: same galaxies, shears and
+orientations) rendered ``32 + 2 margin`` wide, and part 2 renders that wide too; estimators without
+margin see the central 32 x 32. Real galaxies are masked at ``real.mask_stage`` (default
+``source``: the unlensed galaxy is masked, so each stamp is a sheared profile as on the sky; the
+paper's ``image`` stage masks every lensed stamp and biases metacal, ``docs/METACAL.md``).
+
 A CNN whose file carries no metacal settings (trained without ``metacal=default``) is
 metacalibrated with the data config's PSF and noise (recorded as a note): it works, but the
 network never saw counterfactual images.
@@ -29,11 +37,21 @@ from wlshear.metrics.binned import to_csv
 from wlshear.metrics.plots import plot_bin_bias
 from wlshear.metrics.shear_pairs import binned_pair_bias, calibrated_sigma, pair_bias
 from wlshear.sim.constants import PIXEL_SCALE, PSF_FWHM, STAMP_SIZE
-from wlshear.sim.metacal import MetacalOperator, MetacalSettings
+from wlshear.sim.metacal import MetacalOperator, MetacalSettings, central
 
 log = logging.getLogger(__name__)
 
-__all__ = ["metacal_study", "operator_for"]
+__all__ = ["metacal_study", "operator_for", "study_margin"]
+
+
+def study_margin(scfg: dict, cnns: dict) -> int:
+    """``studies.metacal.margin``, or (null) the largest margin of the CNNs' metacal settings (the
+    default settings' margin when none carries settings)."""
+    if scfg.get("margin") is not None:
+        return int(scfg["margin"])
+    own = [est.metacal_operator.settings.margin for est in cnns.values()
+           if getattr(est, "metacal_operator", None) is not None]
+    return int(max(own)) if own else int(MetacalSettings().margin)
 
 
 def operator_for(est, data_cfg: dict, overrides: dict | None = None) -> tuple[MetacalOperator, str | None]:
@@ -80,7 +98,8 @@ def _real_design(rcfg: dict, renderer, seed: int):
 
     src = CosmosSource(Path(rcfg["dir"]).expanduser(), file_name=rcfg.get("file_name"), use_real=True,
                        exclusion_level="none", mag_range=(0.0, float(rcfg.get("mag_max", 25.0))),
-                       gsparams=renderer.gsparams)
+                       gsparams=renderer.gsparams, mask_stage=str(rcfg.get("mask_stage", "source")),
+                       psf_fwhm=renderer.psf_fwhm)
     r = StampRenderer(src, renderer.noise, renderer.augment, population="natural", psf_fwhm=renderer.psf_fwhm,
                       pixel_scale=renderer.pixel_scale, stamp_size=renderer.stamp_size, gsparams=renderer.gsparams)
     ids = np.arange(len(src.catalog["mag"]))
@@ -100,9 +119,9 @@ def _real_rows(rcfg, renderer, cnns, baselines, data_cfg, overrides, seed) -> li
         est.set_metacal(op)
         res = est.metacal(batch.stamps, symmetrize=True, seed=seed, noise_groups=design["noise_group"])
         estimates[f"{name}_metacal"] = (res["g"], res["R"])
-        estimates[f"{name}_sim"] = (est.predict(batch.stamps, symmetrize=True), None)
+        estimates[f"{name}_sim"] = (est.predict(central(batch.stamps), symmetrize=True), None)
     for name, b in baselines.items():
-        g, bad = b.estimate(batch.stamps)
+        g, bad = b.estimate(central(batch.stamps))
         estimates[name] = (np.where(np.asarray(bad)[:, None], np.nan, g), None)
         if name == "moments":
             op, _ = operator_for(None, data_cfg, overrides)
@@ -123,13 +142,15 @@ def _real_rows(rcfg, renderer, cnns, baselines, data_cfg, overrides, seed) -> li
 
 def metacal_study(scfg: dict, *, stamps, g_true, pair_ids, cnns: dict, baselines: dict, renderer, data_cfg: dict,
                   out_dir: Path, seed: int) -> tuple[dict, list[str]]:
-    """Run the study (see the module docstring); returns (study dict for results.json, notes)."""
+    """Run the study (see the module docstring); returns (study dict for results.json, notes).
+
+    ``stamps`` may be wider than 32 x 32 (the margin); ``renderer`` draws at that width."""
     overrides = {k: scfg.get(k) for k in ("reconv_factor", "step")}
     test_rows, notes = _test_rows(stamps, g_true, pair_ids, cnns, baselines.get("moments"), data_cfg, overrides, seed)
     for name, s in test_rows.items():
         log.info("%-18s m1=%+.4f±%.4f m2=%+.4f±%.4f c1=%+.5f c2=%+.5f sigma1=%.4f sigma2=%.4f", name, s["m1"],
                  s["m1_err"], s["m2"], s["m2_err"], s["c1"], s["c2"], s["sigma1"], s["sigma2"])
-    study = {"test_set": test_rows}
+    study = {"test_set": test_rows, "margin": (int(stamps.shape[-1]) - STAMP_SIZE) // 2}
     rcfg = dict(scfg.get("real") or {})
     real_dir = rcfg.get("dir")
     if rcfg.get("enabled", True) and real_dir and Path(real_dir).expanduser().is_dir():
@@ -139,7 +160,8 @@ def metacal_study(scfg: dict, *, stamps, g_true, pair_ids, cnns: dict, baselines
         plot_bin_bias([r for r in rows if r["bin"] != "all"], out_dir / "metacal_real.png",
                       title=f"real COSMOS galaxies (validation only), {n} stamps, +-g common-noise ring design")
         study.update({"csv": "metacal_real.csv", "png": "metacal_real.png", "real_rows": rows,
-                      "real_stamps": n, "real_render_failed": n_failed})
+                      "real_stamps": n, "real_render_failed": n_failed,
+                      "real_mask_stage": str(rcfg.get("mask_stage", "source"))})
         for r in rows:
             log.info("real %-16s %-6s m1=%+.4f±%.4f m2=%+.4f±%.4f c1=%+.5f c2=%+.5f", r["estimator"], r["bin"],
                      r["m1"], r["m1_err"], r["m2"], r["m2_err"], r["c1"], r["c2"])

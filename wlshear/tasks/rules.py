@@ -111,6 +111,8 @@ EVALUATE_RULES: dict[str, Rule] = {
     "studies.metacal.real.enabled": Bool(),
     "studies.metacal.real.n_orient": Int(1, note="orientations per real galaxy"),
     "studies.metacal.real.shear": Float(0, 0.2, lo_open=True),
+    "studies.metacal.margin": Int(0, 64, nullable=True, note="px beyond each stamp edge; null: the estimators' own"),
+    "studies.metacal.real.mask_stage": Choice("source", "image"),
     "studies.magnitude.enabled": Bool(),
     "studies.magnitude.key": Choice("mag", "mag_source"),
     "studies.magnitude.bins": Rule("bins", 1),

@@ -30,7 +30,7 @@ from wlshear.models.estimator import load_estimator
 from wlshear.observables import measure_observables
 from wlshear.sim.noise import CorrelatedNoise
 from wlshear.tasks.estimators import EstimateResult, build_baselines, cnn_rows, noise_dependent, run_estimators
-from wlshear.tasks.metacal_study import metacal_study
+from wlshear.tasks.metacal_study import metacal_study, study_margin
 
 log = logging.getLogger(__name__)
 
@@ -250,12 +250,18 @@ def metacal(ctx: EvalContext, scfg) -> dict:
     (:mod:`wlshear.tasks.metacal_study`)."""
     scfg = OmegaConf.to_container(scfg, resolve=True) if isinstance(scfg, DictConfig) else dict(scfg)
     n = scfg.get("n")
-    pair_ids = ctx.pair_ids
-    sel = np.ones(len(ctx.test), bool) if n is None else (
-        pair_ids < int(n) // 2 if pair_ids is not None else np.arange(len(ctx.test)) < int(n))
-    study, notes = metacal_study(scfg, stamps=ctx.stamps[sel], g_true=ctx.g_true[sel],
+    margin = study_margin(scfg, ctx.cnns)
+    renderer, stamps, g_true, pair_ids = ctx.renderer, ctx.stamps, ctx.g_true, ctx.pair_ids
+    if margin > 0:  # the same test set (seed), drawn with the operator's margin
+        renderer = renderer.with_stamp_size(renderer.stamp_size + 2 * margin)
+        wide = ctx.cached_set(renderer, len(ctx.test) if n is None else int(n), ctx.test_seed, "metacal_test")
+        stamps, g_true = wide.batch.stamps, wide.batch.shear.astype(np.float64)
+        pair_ids = wide.meta.get("pair_id") if ctx.ring else None
+    sel = np.ones(len(stamps), bool) if n is None else (
+        pair_ids < int(n) // 2 if pair_ids is not None else np.arange(len(stamps)) < int(n))
+    study, notes = metacal_study(scfg, stamps=stamps[sel], g_true=g_true[sel],
                                  pair_ids=pair_ids[sel] if pair_ids is not None else None, cnns=ctx.cnns,
-                                 baselines=ctx.baselines, renderer=ctx.renderer, data_cfg=ctx.data_cfg,
+                                 baselines=ctx.baselines, renderer=renderer, data_cfg=ctx.data_cfg,
                                  out_dir=ctx.out_dir, seed=int(ctx.cfg.seed))
     ctx.notes += notes
     return study
