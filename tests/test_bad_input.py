@@ -83,7 +83,8 @@ def test_datamodule_checks_its_arguments_with_the_same_table():
 
 
 def test_shipped_configs_pass_validation(tmp_path):
-    from wlshear.tasks.rules import EVALUATE_RULES, INFER_CLASH_RULES, RELATIONS, TRAIN_RULES
+    from wlshear.tasks.relations import RELATIONS
+    from wlshear.tasks.rules import EVALUATE_RULES, INFER_CLASH_RULES, TRAIN_RULES
     from wlshear.utils.validate import problems
 
     for name, rules, over in [("train.yaml", TRAIN_RULES, []), ("train.yaml", TRAIN_RULES, ["debug=fast"]),
@@ -94,7 +95,7 @@ def test_shipped_configs_pass_validation(tmp_path):
 
 
 def test_shipped_cli_configs_pass_validation(tmp_path):
-    from wlshear.tasks import rules
+    from wlshear.tasks import relations, rules
     from wlshear.utils.hydra import compose_config
     from wlshear.utils.validate import problems
 
@@ -106,10 +107,10 @@ def test_shipped_cli_configs_pass_validation(tmp_path):
     est = tmp_path / "e.pt"
     est.write_bytes(b"")
     for name, table, relations, over in [
-            ("render", rules.RENDER_RULES, rules.RENDER_RELATIONS, []),
-            ("mock_field", rules.MOCK_FIELD_RULES, rules.MOCK_FIELD_RELATIONS, ["out=o"]),
-            ("noise_kernel", rules.NOISE_KERNEL_RULES, rules.NOISE_KERNEL_RELATIONS, [f"image={image}", "out=k.npy"]),
-            ("fit_surface", rules.FIT_SURFACE_RULES, rules.FIT_SURFACE_RELATIONS, [f"estimator={est}", "out=o.pt"]),
+            ("render", rules.RENDER_RULES, relations.RENDER_RELATIONS, []),
+            ("mock_field", rules.MOCK_FIELD_RULES, relations.MOCK_FIELD_RELATIONS, ["out=o"]),
+            ("noise_kernel", rules.NOISE_KERNEL_RULES, relations.NOISE_KERNEL_RELATIONS, [f"image={image}", "out=k.npy"]),
+            ("fit_surface", rules.FIT_SURFACE_RULES, relations.FIT_SURFACE_RELATIONS, [f"estimator={est}", "out=o.pt"]),
             ("summarize", rules.SUMMARIZE_RULES, (), ["dir=d"])]:
         assert problems(compose_config(name, over), table, relations) == [], name
 

@@ -62,7 +62,8 @@ from wlshear.tasks.estimators import (
     run_estimators,
     summaries,
 )
-from wlshear.tasks.rules import EVALUATE_RULES, RELATIONS
+from wlshear.tasks.relations import RELATIONS
+from wlshear.tasks.rules import EVALUATE_RULES
 from wlshear.tasks.studies import STUDIES, EvalContext
 from wlshear.utils.hydra import print_config_tree, save_resolved_config, write_json
 from wlshear.utils.validate import validate_config

@@ -30,7 +30,8 @@ from wlshear.metrics.bias import fit_bias
 from wlshear.metrics.binned import bin_edges
 from wlshear.models.estimator import load_estimator
 from wlshear.observables import measure_observables
-from wlshear.tasks.rules import FIT_SURFACE_RELATIONS, FIT_SURFACE_RULES
+from wlshear.tasks.relations import FIT_SURFACE_RELATIONS
+from wlshear.tasks.rules import FIT_SURFACE_RULES
 from wlshear.utils.hydra import run_cli
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from wlshear.clash import pipeline as steps
 from wlshear.clash.errors import relative_calibration
 from wlshear.models.estimator import load_estimator
-from wlshear.tasks.rules import INFER_CLASH_RULES, RELATIONS
+from wlshear.tasks.relations import RELATIONS
+from wlshear.tasks.rules import INFER_CLASH_RULES
 from wlshear.utils.hydra import print_config_tree, save_resolved_config, write_json
 from wlshear.utils.plain import to_plain
 from wlshear.utils.validate import validate_config

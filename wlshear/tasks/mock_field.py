@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from wlshear.clash.io import DEFAULT_FILTERS
 from wlshear.clash.mock import MockConfig, make_mock_field
-from wlshear.tasks.rules import MOCK_FIELD_RELATIONS, MOCK_FIELD_RULES
+from wlshear.tasks.relations import MOCK_FIELD_RELATIONS
+from wlshear.tasks.rules import MOCK_FIELD_RULES
 from wlshear.utils.hydra import cli_main
 
 

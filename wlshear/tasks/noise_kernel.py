@@ -15,7 +15,8 @@ from omegaconf import DictConfig
 
 from wlshear.clash.io import read_image
 from wlshear.clash.noise_kernel import measure_noise_kernel
-from wlshear.tasks.rules import NOISE_KERNEL_RELATIONS, NOISE_KERNEL_RULES
+from wlshear.tasks.relations import NOISE_KERNEL_RELATIONS
+from wlshear.tasks.rules import NOISE_KERNEL_RULES
 from wlshear.utils.hydra import cli_main
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from wlshear.tasks.rules import RELATIONS, TRAIN_RULES
+from wlshear.tasks.relations import RELATIONS
+from wlshear.tasks.rules import TRAIN_RULES
 from wlshear.utils.validate import validate_config
 
 __all__ = ["check_required", "check_will_train", "UntrainedError", "untrained_hint"]

@@ -19,7 +19,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from wlshear.metrics.plots import plot_stamp_grid
-from wlshear.tasks.rules import RENDER_RELATIONS, RENDER_RULES
+from wlshear.tasks.relations import RENDER_RELATIONS
+from wlshear.tasks.rules import RENDER_RULES
 from wlshear.utils.hydra import cli_main
 
 
