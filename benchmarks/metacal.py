@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -147,6 +148,22 @@ def throughput(est, n: int = 2048) -> dict:
             "load_average_1min": os.getloadavg()[0]}
 
 
+def relative(arg: str) -> str:
+    """A command-line argument that names an existing path, relative to the repository root."""
+    p = Path(arg)
+    return os.path.relpath(p.resolve(), REPO) if p.is_absolute() and p.exists() else arg
+
+
+def trained_by(path: str | None, what: str) -> list[str]:
+    """The train.py overrides of the run an estimator file comes from (its .hydra/overrides.yaml)."""
+    over = Path(path).parent / ".hydra" / "overrides.yaml" if path else None
+    if over is None or not over.is_file():
+        return []
+    import yaml
+
+    return [f"`--{what}` was trained by `python train.py {' '.join(yaml.safe_load(over.read_text()) or [])}`"]
+
+
 def fmt(v, e):
     return f"{v:+.4f} +- {e:.4f}"
 
@@ -170,7 +187,7 @@ def table(name, res) -> list[str]:
 
 def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--estimator", required=True, help="estimator file with metacal settings")
+    ap.add_argument("--estimator", default=None, help="estimator file with metacal settings (required unless --replot)")
     ap.add_argument("--sim-estimator", default=None, help="a simulation-calibrated estimator for comparison")
     ap.add_argument("--noise", type=float, nargs="+", default=[1.0, 0.5, 0.25])
     ap.add_argument("--sets", nargs="+", default=["real", "parametric"], choices=["real", "parametric"])
@@ -185,6 +202,7 @@ def parse(argv):
     ap.add_argument("--seed", type=int, default=13)
     ap.add_argument("--baselines", nargs="*", default=["moments", "ksb", "regauss"])
     ap.add_argument("--metacal-baselines", nargs="*", default=["moments"])
+    ap.add_argument("--replot", action="store_true", help="only redraw <out>.png from <out>.json")
     ap.add_argument("--out", default="benchmarks/RESULTS_metacal", help="output path stem (relative: to the repository)")
     return ap.parse_args(argv)
 
@@ -206,8 +224,12 @@ def jobs(args) -> list[tuple[str, float, int, str]]:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.replot:
+        plot(json.loads((REPO / (args.out + ".json")).read_text()), REPO / (args.out + ".png"))
+        return 0
+    if args.estimator is None:
+        raise SystemExit("benchmarks/metacal.py: --estimator <metacal run>/estimator_refit.pt is required")
     import wlshear
-    from wlshear.metrics.plots import plot_bin_bias
     from wlshear.sim.metacal import MetacalOperator, MetacalSettings
     from wlshear.tasks.estimators import build_baselines
     from wlshear.utils.hydra import compose_config
@@ -216,19 +238,20 @@ def main(argv=None) -> int:
     sim_est = wlshear.load_estimator(args.sim_estimator) if args.sim_estimator else None
     base_settings = est.metacal_operator.settings
     size = base_settings.input_size
-    report = {"estimator": args.estimator, "sim_estimator": args.sim_estimator, "shear": args.shear,
+    report = {"estimator": relative(args.estimator),
+              "sim_estimator": args.sim_estimator and relative(args.sim_estimator), "shear": args.shear,
               "metacal_settings": base_settings.to_dict(), "sets": {}}
     report["throughput"] = throughput(est)
     print(json.dumps(report["throughput"]), flush=True)
     md = ["# Metacalibration benchmark", "", "```", machine_header(), "```", "",
-          f"Command: `python benchmarks/metacal.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
+          f"Command: `python benchmarks/metacal.py {' '.join(relative(a) for a in (argv if argv is not None else sys.argv[1:]))}`",
+          "", *trained_by(args.estimator, "estimator"), *trained_by(args.sim_estimator, "sim-estimator"), "",
           f"Throughput (1 core, {size} x {size} stamps, batch 64): "
           f"{report['throughput']['metacal_8fold_stamps_per_s_1core']:.0f} stamps/s with the 8-fold average, "
           f"{report['throughput']['metacal_no_sym_stamps_per_s_1core']:.0f} without (machine load average "
           f"{report['throughput']['load_average_1min']:.1f} on 2 cores while measured)", ""]
     baselines = build_baselines(compose_config("evaluate", [f"baselines=[{','.join(args.baselines)}]",
                                                           f"paths.root_dir={REPO}"]).baselines)[0]
-    plot_rows = []
     for kind, level, n_orient, stage in jobs(args):
         if kind == "real" and not REAL_DIR.is_dir():
             print(f"skipping real galaxies: {REAL_DIR} not found", flush=True)
@@ -260,14 +283,25 @@ def main(argv=None) -> int:
                   f"c1={a['c1']:+.5f} c2={a['c2']:+.5f} sigma={row['sigma'][0]:.4f},{row['sigma'][1]:.4f} "
                   + " bins m1: " + " ".join(f"{b['m1']:+.3f}+-{b['m1_err']:.3f}" for b in row["bins"])
                   + " m2: " + " ".join(f"{b['m2']:+.3f}+-{b['m2_err']:.3f}" for b in row["bins"]), flush=True)
-            if kind == "real" and name in ("cnn_metacal", "cnn_sim", "moments_metacal"):
-                plot_rows += [{**b, "estimator": f"{name} x{level} {stage}"} for b in row["bins"]]
         (REPO / (args.out + ".json")).write_text(json.dumps(report, indent=1, default=float))
         (REPO / (args.out + ".md")).write_text("\n".join(md) + "\n")
-    if plot_rows:
-        plot_bin_bias([r for r in plot_rows if "cnn_sim" not in r["estimator"]], REPO / (args.out + ".png"),
-                      title="real COSMOS galaxies (validation only): metacal m per F814W bin")
+    plot(report, REPO / (args.out + ".png"))
     return 0
+
+
+def plot(report: dict, path: Path) -> None:
+    """m1, m2 per F814W bin of the metacal CNN on the real galaxies, every noise level and mask stage
+    (the open bin below 23 drawn at 22.5); ``python benchmarks/metacal.py --replot`` redraws it from
+    the JSON."""
+    from wlshear.metrics.plots import plot_bin_bias
+
+    rows = []
+    for key, res in report["sets"].items():
+        if key.startswith("real") and "cnn_metacal" in res["rows"]:
+            rows += [{**b, "lo": max(b["lo"], b["hi"] - 1.0), "estimator": key.replace("real_", "cnn_metacal ")}
+                     for b in res["rows"]["cnn_metacal"]["bins"]]
+    if rows:
+        plot_bin_bias(rows, path, title="real COSMOS galaxies (validation only): CNN through metacal, m per F814W bin")
 
 
 if __name__ == "__main__":
