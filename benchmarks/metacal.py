@@ -142,8 +142,6 @@ def throughput(est, n: int = 2048) -> dict:
         nosym = n / (time.time() - t)
     finally:
         torch.set_num_threads(threads)
-    import os
-
     return {"stamp_side_px": size, "metacal_8fold_stamps_per_s_1core": sym, "metacal_no_sym_stamps_per_s_1core": nosym,
             "load_average_1min": os.getloadavg()[0]}
 
@@ -209,7 +207,10 @@ def parse(argv):
 
 def jobs(args) -> list[tuple[str, float, int, str]]:
     """(set, noise level, orientations, mask stage) in the order they run."""
-    orient = args.n_orient if len(args.n_orient) == len(args.noise) else [args.n_orient[0]] * len(args.noise)
+    if len(args.n_orient) not in (1, len(args.noise)):
+        raise SystemExit(f"--n-orient takes one value or one per --noise level ({len(args.noise)}), "
+                         f"got {len(args.n_orient)}")
+    orient = args.n_orient if len(args.n_orient) == len(args.noise) else args.n_orient * len(args.noise)
     out = []
     for kind in args.sets:
         for level, n_or in zip(args.noise, orient):
