@@ -90,7 +90,7 @@ def test_operator_matches_galsim_reference(interpolant, tol):
         obj = galsim.Convolve(ii, galsim.Deconvolve(psf_eff))
         if g1 or g2:
             obj = obj.shear(g1=g1, g2=g2)
-        ref = galsim.Convolve(obj, galsim.Gaussian(fwhm=0.121 * 1.3)).drawImage(nx=N, ny=N, scale=0.065).array
+        ref = galsim.Convolve(obj, galsim.Gaussian(fwhm=0.121 * op.settings.reconv_factor)).drawImage(nx=N, ny=N, scale=0.065).array
         assert np.abs(ours[k] - ref).max() < tol * ref.max(), (names[k], np.abs(ours[k] - ref).max() / ref.max())
         # flux is conserved
         assert abs(ours[k].sum() - ref.sum()) < 1e-3 * ref.sum()

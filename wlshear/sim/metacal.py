@@ -12,7 +12,8 @@ FWHM ``reconv_factor`` x the PSF FWHM, convolved with the pixel (the output is a
 image like the input, so a network sees stamps that look like CLASH stamps with a slightly wider
 PSF). It must be wider than ``P``: the CLASH PSF (FWHM 1.86 px) is slightly undersampled, so the
 deconvolution amplifies k-modes near and beyond Nyquist that only ``P'`` suppresses. The default
-factor 1.3 leaves ``P'/P`` = 0.12 at the Nyquist frequency.
+factor 1.6 leaves ``P'/P`` = 0.008 at the Nyquist frequency (1.3 left 0.12, and with it a
+multiplicative bias m1 ~ -0.004 along the pixel axes that m2 does not have; docs/METACAL.md).
 
 Implementation. The whole operation is linear in the pixel values, so for each shear ``d`` it is
 one fixed ``(n^2, n^2)`` matrix ``M_d`` (n = stamp side): ``I_d = M_d I``. With the input
@@ -123,7 +124,7 @@ class MetacalSettings:
     psf_fwhm: float = PSF_FWHM
     pixel_scale: float = PIXEL_SCALE
     stamp_size: int = STAMP_SIZE
-    reconv_factor: float = 1.3
+    reconv_factor: float = 1.6
     step: float = 0.01
     fixnoise: bool = True
     noise_scale: float = 1.0
