@@ -252,8 +252,9 @@ def per_level(values: list, name: str, levels: list) -> list:
 
 def jobs(args) -> list[tuple[str, float, int, int, str]]:
     """(set, noise level, orientations, galaxies (0 = all), mask stage) in the order they run."""
-    orient = per_level(args.n_orient, "--n-orient", args.noise)
-    n_gal = per_level(args.n_gal_param, "--n-gal-param", args.noise)
+    none = [0] * len(args.noise)
+    orient = per_level(args.n_orient, "--n-orient", args.noise) if "real" in args.sets else none
+    n_gal = per_level(args.n_gal_param, "--n-gal-param", args.noise) if "parametric" in args.sets else none
     if not 0.0 < args.baselines_fraction <= 1.0:
         raise SystemExit(f"--baselines-fraction must be in (0, 1], got {args.baselines_fraction}")
     out = []
@@ -299,7 +300,8 @@ def main(argv=None) -> int:
           f"{report['throughput']['metacal_no_sym_stamps_per_s_1core']:.0f} without (machine load average "
           f"{report['throughput']['load_average_1min']:.1f} on 2 cores while measured)", ""]
     baselines = build_baselines(compose_config("evaluate", [f"baselines=[{','.join(args.baselines)}]",
-                                                          f"paths.root_dir={REPO}"]).baselines)[0]
+                                                          f"paths.root_dir={REPO}"]).baselines)[0] \
+        if args.baselines else {}
     for kind, level, n_orient, n_gal, stage in jobs(args):
         if kind == "real" and not REAL_DIR.is_dir():
             print(f"skipping real galaxies: {REAL_DIR} not found", flush=True)

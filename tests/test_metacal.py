@@ -384,6 +384,21 @@ def test_estimator_metacal_takes_margin_stamps():
     assert np.isfinite(est.predict(x[:, 8:40, 8:40])).all()  # no margin: still works
 
 
+def test_group_noise_shares_fields_within_groups_and_draws_in_chunks():
+    """One field per distinct (sparse) group id, drawn a chunk at a time; bad groups are refused."""
+    op = MetacalOperator(MetacalSettings(noise_scale=1.0, margin=8))
+    groups = np.array([7, 1000003, 7, 5, 5, 1000003, 9])
+    fields, index = op.group_noise(groups, len(groups), generator=torch.Generator().manual_seed(3), size=48,
+                                   chunk=2)
+    assert fields.shape == (4, 48, 48) and index.shape == (7,)  # 4 distinct ids, not 1000004 fields
+    per_stamp = fields[torch.as_tensor(index)]
+    assert torch.equal(per_stamp[0], per_stamp[2]) and torch.equal(per_stamp[3], per_stamp[4])
+    assert not torch.equal(per_stamp[0], per_stamp[3]) and not torch.equal(fields[0], fields[2])
+    for bad in (np.array([0, -1, 2, 3, 4, 5, 6]), np.arange(7.0), np.arange(6)):
+        with pytest.raises(ValueError, match="noise_groups"):
+            op.group_noise(bad, 7)
+
+
 def _mask_stage_bias(cosmos_real_dir, stage):
     from wlshear.baselines import MomentsEstimator
     from wlshear.sim.sources import CosmosSource

@@ -156,14 +156,13 @@ def metacal_measure(estimate, operator, stamps: np.ndarray, seed: int | None = 0
     gen.manual_seed(0 if seed is None else int(seed))
     fields = None
     if noise_groups is not None and operator.adds_noise:
-        grp = np.asarray(noise_groups, dtype=np.int64)
-        fields = operator.sample_noise(int(grp.max()) + 1, "cpu", torch.float32, gen, size=x.shape[-1])
+        fields, index = operator.group_noise(noise_groups, n, generator=gen, size=x.shape[-1])
     for s in tqdm(range(0, n, batch_size), desc="metacal", disable=not progress):
         idx = np.arange(s, min(s + batch_size, n))
         idx = idx[~failed[idx]]
         if len(idx) == 0:
             continue
-        noise = fields[torch.as_tensor(grp[idx])] if fields is not None else None
+        noise = fields[torch.as_tensor(index[idx])] if fields is not None else None
         cf = operator.counterfactuals(torch.as_tensor(x[idx]), names, generator=gen, noise=noise).numpy()
         side = cf.shape[-1]
         g, bad = estimate(cf.reshape(-1, side, side))

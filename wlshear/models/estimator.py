@@ -311,7 +311,7 @@ class ShearEstimator:
             if not op.adds_noise:
                 noise = None
             elif fields is not None:
-                noise = fields[torch.as_tensor(np.asarray(noise_groups)[idx])]
+                noise = fields[0][torch.as_tensor(fields[1][idx])]
             else:
                 noise = op.sample_noise(len(idx), "cpu", torch.float32, gen, size=size)
             cf = op.counterfactuals(xb, names, noise=noise)  # (B, 5, n, n) float32
@@ -443,14 +443,11 @@ def _as_stamps(stamps: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _group_noise(op, noise_groups, n: int, gen: torch.Generator, size: int | None = None) -> torch.Tensor | None:
-    """One fixnoise field ``(size, size)`` per group (``noise_groups`` (N,) non-negative ints), or None."""
+def _group_noise(op, noise_groups, n: int, gen: torch.Generator, size: int | None = None):
+    """``op.group_noise`` (one fixnoise field per distinct group, ``(fields, index)``), or None."""
     if noise_groups is None or not op.adds_noise:
         return None
-    grp = np.asarray(noise_groups)
-    if grp.shape != (n,) or not np.issubdtype(grp.dtype, np.integer) or (n and grp.min() < 0):
-        raise ValueError(f"noise_groups must be ({n},) non-negative integers, got shape {grp.shape}, dtype {grp.dtype}")
-    return op.sample_noise(int(grp.max()) + 1 if n else 0, "cpu", torch.float32, gen, size=size)
+    return op.group_noise(noise_groups, n, generator=gen, size=size)
 
 
 def _generator(seed: int | None) -> torch.Generator:

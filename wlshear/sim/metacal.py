@@ -369,6 +369,27 @@ class MetacalOperator:
         white = torch.randn((n, 1, s + ky - 1, s + kx - 1), generator=generator, dtype=dtype, device=gen_device)
         return F.conv2d(white.to(device), k[None, None])[:, 0]
 
+    def group_noise(self, noise_groups, n: int, generator: torch.Generator | None = None,
+                    size: int | None = None, chunk: int = 2048) -> tuple[torch.Tensor, np.ndarray]:
+        """One fixnoise field per distinct group of ``noise_groups`` (``(n,)`` non-negative ints):
+        ``(fields (G, size, size) float32 [counts], index (n,))``, stamp i's field ``fields[index[i]]``.
+
+        Group ids need not be contiguous (only the distinct ones get a field), and the fields are
+        drawn ``chunk`` at a time: convolving a few hundred thousand fields in one call needs tens
+        of GB, the fields themselves 9 kB each at 48 x 48.
+        """
+        grp = np.asarray(noise_groups)
+        if grp.shape != (n,) or not np.issubdtype(grp.dtype, np.integer) or (n and grp.min() < 0):
+            raise ValueError(f"noise_groups must be ({n},) non-negative integers, got shape {grp.shape}, "
+                             f"dtype {grp.dtype}")
+        ids, index = np.unique(grp, return_inverse=True)
+        s = int(self.settings.input_size if size is None else size)
+        fields = torch.empty((len(ids), s, s), dtype=torch.float32)
+        for a in range(0, len(ids), chunk):
+            b = min(a + chunk, len(ids))
+            fields[a:b] = self.sample_noise(b - a, "cpu", torch.float32, generator, size=s)
+        return fields, index.reshape(-1)
+
     # -- application ----------------------------------------------------------------------------
     def _check(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 4 and x.shape[1] == 1:
