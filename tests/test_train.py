@@ -36,6 +36,10 @@ def test_smoke_train_refit_evaluate(tmp_path):
     for k in ("m1", "m2", "c1", "c2", "sigma1", "sigma2"):
         assert math.isfinite(saved["summary"][k]), k
     assert math.isfinite(metrics["val_mse"]) and saved["refit"]["n"] == 48
+    # the default baselines ran on the same test stamps: a row each (or a recorded reason)
+    base = saved["summary"]["baselines"]
+    assert set(base) | set(saved.get("baselines_skipped", {})) == {"moments", "fpfs"}
+    assert math.isfinite(base["moments"]["sigma1"]) and saved["test"]["moments"]["n_total"] == 24
     # the Hydra-free loading API
     est = wlshear.load_estimator(out / "estimator_refit.pt")
     g = est.predict(np.random.default_rng(0).normal(size=(5, 32, 32)).astype(np.float32), symmetrize=True)

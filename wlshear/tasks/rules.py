@@ -84,6 +84,8 @@ TRAIN_RULES: dict[str, Rule] = {
     **prefixed("metacal", METACAL_RULES),
     "evaluate.enabled": Bool(),
     "evaluate.symmetrize": Bool(),
+    "evaluate.baselines": Bool(note="also run the baselines group (default moments, fpfs) on the test stamps"),
+    "evaluate.bootstrap": Int(0, note="resamples for the baseline rows' sigma errors (0: none)"),
     "optimized_metric": Str(nullable=True, note="the metrics.json key train.py returns to a sweeper (hparams_search)"),
 }
 

@@ -5,7 +5,8 @@ Run-directory outputs:
 - ``checkpoints/``: Lightning checkpoints (best, last) and ``refit.ckpt`` (the refit model);
 - ``estimator.pt`` (trained net, no refit) and ``estimator_refit.pt`` (refit + calibration):
   self-contained files for ``wlshear.load_estimator``;
-- ``metrics.json``: validation MSE, refit diagnostics and m, c, sigma per component on the test set;
+- ``metrics.json``: validation MSE, refit diagnostics and m, c, sigma per component on the test set,
+  beside the configured baselines on the same stamps (:mod:`wlshear.tasks.train_report`);
 - ``shear_scatter.png``: estimated vs true shear on the test set;
 - ``stamps_train.png`` / ``stamps_val.png``: grids of augmented training and validation stamps
   (also logged as images to TensorBoard / wandb when those loggers are configured);
@@ -30,10 +31,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from wlshear.metrics.bias import bias_summary, fit_bias
-from wlshear.metrics.plots import plot_shear_scatter
+from wlshear.metrics.bias import fit_bias
 from wlshear.models.estimator import ShearEstimator
 from wlshear.models.refit import refit_head, refit_sample_size
+from wlshear.tasks.train_report import test_report
 from wlshear.tasks.preflight import UntrainedError, check_required, check_will_train, untrained_hint
 from wlshear.tasks.tracking import (
     build_loggers,
@@ -49,33 +50,6 @@ log = logging.getLogger(__name__)
 
 #: a refit calibration with 1 + m below this (outputs amplified > 5x) is written with a warning
 MIN_RESPONSE = 0.2
-
-
-def _predict(estimator: ShearEstimator, stamps: torch.Tensor, symmetrize: bool) -> np.ndarray:
-    return estimator.predict(stamps, symmetrize=symmetrize, batch_size=256)
-
-
-def evaluate_estimator(estimator: ShearEstimator, test_set, symmetrize: bool = True) -> dict:
-    """m, c (ring-pair averaged when the set has pairs) and per-galaxy sigma on a cached set."""
-    g_true = test_set.batch.shear.astype(np.float64)
-    g_est = _predict(estimator, test_set.stamps, symmetrize)
-    out = bias_summary(g_true, g_est, pair_ids=test_set.meta.get("pair_id"))
-    if out["paired"]:
-        out["bias_from_ring_pairs"] = True
-    return out, g_est
-
-
-def evaluate_metacal(estimator: ShearEstimator, test_set, symmetrize: bool = True) -> dict:
-    """m, c and sigma of the metacal-calibrated shear ``<R>^-1 g`` on a cached set (ring pairs
-    averaged when present); ``R_mean`` is the ensemble response."""
-    from wlshear.calibration.metacal import ensemble_response
-
-    res = estimator.metacal(test_set.stamps, symmetrize=symmetrize)
-    r_mean = ensemble_response(res["R"])
-    g_cal = res["g"] @ np.linalg.inv(r_mean).T
-    out = bias_summary(test_set.batch.shear.astype(np.float64), g_cal, pair_ids=test_set.meta.get("pair_id"))
-    out["R_mean"] = r_mean.tolist()
-    return out
 
 
 def optimized_value(cfg: DictConfig, metrics: dict):
@@ -228,31 +202,6 @@ def _refit(cfg: DictConfig, run: _Run, meta: dict, metrics: dict, out_dir: Path)
     return est
 
 
-def _test(cfg: DictConfig, run: _Run, estimator: ShearEstimator, metrics: dict, out_dir: Path) -> None:
-    """m, c, sigma on the cached test set of the raw net (with and without the symmetry average),
-    the refit estimator and, with metacal, its metacal-calibrated shears; the scatter plot."""
-    run.dm.setup("test")
-    test = run.dm.test_set
-    results = {}
-    raw = ShearEstimator(run.model.net, **run.estimator_kwargs)
-    results["cnn"], _ = evaluate_estimator(raw, test, symmetrize=False)
-    results["cnn_sym"], _ = evaluate_estimator(raw, test, symmetrize=True)
-    if cfg.refit.enabled:
-        results["cnn_refit_sym"], g_est = evaluate_estimator(estimator, test, symmetrize=cfg.evaluate.symmetrize)
-    else:
-        g_est = _predict(raw, test.stamps, True)
-    if run.metacal_op is not None:
-        results["cnn_metacal"] = evaluate_metacal(estimator, test, symmetrize=cfg.evaluate.symmetrize)
-    metrics["test"] = results
-    best_key = "cnn_refit_sym" if cfg.refit.enabled else "cnn_sym"
-    metrics["summary"] = {k: results[best_key][k] for k in ("m1", "m2", "c1", "c2", "sigma1", "sigma2")}
-    plot_shear_scatter(test.batch.shear, g_est, out_dir / "shear_scatter.png",
-                       title=f"{best_key} on {len(test)} test stamps")
-    for name, r in results.items():
-        log.info("%-14s m1=%+.3f+-%.3f m2=%+.3f+-%.3f c1=%+.4f c2=%+.4f sigma1=%.4f sigma2=%.4f", name,
-                 r["m1"], r["m1_err"], r["m2"], r["m2_err"], r["c1"], r["c2"], r["sigma1"], r["sigma2"])
-
-
 def run(cfg: DictConfig) -> dict:
     """Train, refit, evaluate. Returns the metrics dict (also written to metrics.json).
 
@@ -286,7 +235,7 @@ def _train(cfg: DictConfig) -> dict:
     if cfg.refit.enabled:
         estimator = _refit(cfg, run_, meta, metrics, out_dir)
     if cfg.evaluate.enabled:
-        _test(cfg, run_, estimator, metrics, out_dir)
+        test_report(cfg, run_, estimator, metrics, out_dir)
     images = stamp_grids(run_.dm, out_dir)
     if (out_dir / "shear_scatter.png").is_file():
         images["calibration/shear_scatter"] = out_dir / "shear_scatter.png"
