@@ -47,6 +47,24 @@ def test_workers_draw_distinct_stamps_and_runs_reproduce(renderer):
     torch.testing.assert_close(y1, y3)
 
 
+def test_persistent_workers_draw_the_stamps_of_fresh_workers(renderer):
+    """Persistent workers (the default) count their own passes: epochs 0-2, resumed from epoch 1
+    too, equal what workers pickled afresh every epoch draw."""
+    def epochs(persistent, start=0, n=3):
+        loader = EpochLoader(ShearStream(renderer, samples_per_epoch=24, seed=5, chunk=8), start_epoch=start,
+                             batch_size=8, num_workers=2, persistent_workers=persistent)
+        assert loader.persistent_workers is (persistent is not False)
+        return [_collect(loader)[0] for _ in range(n)]
+
+    fresh, kept = epochs(False), epochs(None)
+    for a, b in zip(fresh, kept):
+        torch.testing.assert_close(a, b)
+    assert not torch.allclose(kept[0], kept[1]) and not torch.allclose(kept[1], kept[2])
+    resumed = epochs(None, start=1, n=2)
+    torch.testing.assert_close(resumed[0], fresh[1])
+    torch.testing.assert_close(resumed[1], fresh[2])
+
+
 def test_worker_seeds_include_rank_and_epoch(renderer):
     ds = ShearStream(renderer, samples_per_epoch=10, seed=1)
     seeds = set()

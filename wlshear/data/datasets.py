@@ -119,15 +119,26 @@ class ShearStream(IterableDataset):
                                 self.attempted, self.max_failure_fraction, "data.stream_max_failure_fraction",
                                 self.first_failures)
 
-    def worker_seed(self, worker_id: int) -> list[int]:
+    def worker_seed(self, worker_id: int, epoch: int | None = None) -> list[int]:
         """Seed entropy of one worker's stream: (seed, epoch, rank, worker id)."""
-        return [self.seed, self.epoch, self.rank, worker_id]
+        return [self.seed, self.epoch if epoch is None else int(epoch), self.rank, worker_id]
+
+    def _pass_epoch(self) -> int:
+        """The epoch of the pass that is starting. In the main process: ``self.epoch`` (set by
+        :class:`EpochLoader`). In a DataLoader worker, which holds its own copy of the stream, the
+        copy's epoch plus the passes this copy has already made: a persistent worker (pickled once,
+        at the first epoch) draws the same stamps as a fresh worker per epoch would."""
+        if get_worker_info() is None:
+            return self.epoch
+        passes = getattr(self, "_worker_passes", 0)
+        self._worker_passes = passes + 1
+        return self.epoch + passes
 
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         n = self._share(wid, nw)
-        ss = np.random.SeedSequence(self.worker_seed(wid))
+        ss = np.random.SeedSequence(self.worker_seed(wid, self._pass_epoch()))
         p_rng, n_rng = (np.random.default_rng(s) for s in ss.spawn(2))
         self.failure_count = self.attempted = 0
         self.first_failures = []
@@ -204,7 +215,7 @@ class GroupedShearStream(ShearStream):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         n = self._share(wid, nw)
-        ss = np.random.SeedSequence(self.worker_seed(wid) + [self.group_size])
+        ss = np.random.SeedSequence(self.worker_seed(wid, self._pass_epoch()) + [self.group_size])
         p_rng, n_rng = (np.random.default_rng(s) for s in ss.spawn(2))
         self.failure_count = self.attempted = 0
         self.first_failures = []
@@ -232,15 +243,21 @@ class GroupedShearStream(ShearStream):
 
 
 class EpochLoader(DataLoader):
-    """DataLoader that advances its ShearStream's epoch each time it is iterated.
+    """DataLoader that advances its ShearStream's epoch each time it is iterated, so each pass
+    renders fresh stamps. The rank is captured in the main process, where torch.distributed is
+    initialised.
 
-    The stream is pickled into (non-persistent) workers at every ``iter()``, so each pass over
-    the loader renders fresh stamps. The rank is captured in the main process, where
-    torch.distributed is initialised.
+    Workers are persistent by default (``persistent_workers=None``: whenever ``num_workers`` > 0):
+    what a worker prepares once (radial tables, prepared galaxies of the torch backend, GalSim's
+    profile caches) serves every epoch. A persistent worker counts its own passes
+    (``ShearStream._pass_epoch``), so the stamps are the same as with ``persistent_workers=False``,
+    where the stream is pickled into fresh workers at every ``iter()``.
     """
 
-    def __init__(self, dataset: ShearStream, start_epoch: int = 0, **kw):
-        kw["persistent_workers"] = False
+    def __init__(self, dataset: ShearStream, start_epoch: int = 0, persistent_workers: bool | None = None, **kw):
+        if persistent_workers is None:
+            persistent_workers = int(kw.get("num_workers", 0) or 0) > 0
+        kw["persistent_workers"] = bool(persistent_workers)
         super().__init__(dataset, **kw)
         self.passes = int(start_epoch)
 

@@ -253,6 +253,53 @@ class ParametricSource(GalaxySource):
         gal = gal.shear(g1=float(c["e1"][i]), g2=float(c["e2"][i]))
         return gal.withFlux(flux)
 
+    def components(self, i: int) -> dict:
+        """Galaxy ``i`` (the profile :meth:`galaxy` builds) as radial components and point sources,
+        without building a GalSim object: the torch backend's fast path (checked against the
+        decomposition of :meth:`galaxy` in tests/test_torch_render.py).
+
+        Returns ``{"radial": [(kind, n, J, flux), ...], "knots_xy": (M, 2), "knots_w": (M,)}``.
+        A radial component's surface brightness is ``flux x I_unit(|J^-1 x|) / |det J|`` with
+        ``I_unit`` the unit-flux profile of ``kind`` ('sersic' of index ``n`` with half-light radius
+        1, or 'exp' with scale radius 1) and ``J`` (2, 2) [arcsec] its size times the intrinsic
+        shear matrix; knots are point sources at ``knots_xy`` [arcsec] with fluxes ``knots_w``.
+        Fluxes in counts (CLASH zero-point).
+        """
+        c = self.catalog
+        flux = 10 ** (-0.4 * (c["mag"][i] - self.zeropoint))
+        hlr = c["hlr_px"][i] * self.pixel_scale  # arcsec
+        shear = shear_matrix(float(c["e1"][i]), float(c["e2"][i]))
+        kf = c["knot_frac"][i]
+        radial = []
+        if c["bulge_disk"][i]:
+            bf = c["bulge_frac"][i]
+            radial.append(("sersic", 4.0, shear * (hlr * self.bulge_hlr_ratio), flux * bf))
+            radial.append(("exp", 0.0, shear * (hlr / EXP_HLR_FACTOR), flux * (1 - bf) * (1 - kf)))
+            disk_flux = 1.0 - bf
+        else:
+            radial.append(("sersic", float(c["sersic_n"][i]), shear * hlr, flux * (1 - kf)))
+            disk_flux = 1.0
+        if kf > 0:
+            rng = galsim.BaseDeviate(int(self.seed) * 1_000_003 + i + 1)
+            pts = np.asarray(galsim.RandomKnots(self.n_knots, half_light_radius=hlr, flux=1.0, rng=rng).points,
+                             float).reshape(-1, 2)
+            knots_xy, knots_w = pts @ shear.T, np.full(len(pts), flux * disk_flux * kf / len(pts))
+        else:
+            knots_xy, knots_w = np.zeros((0, 2)), np.zeros(0)
+        return {"radial": radial, "knots_xy": knots_xy, "knots_w": knots_w}
+
+
+#: half-light radius / scale radius of an exponential profile (GalSim's value)
+EXP_HLR_FACTOR = 1.6783469900166605
+
+
+def shear_matrix(g1: float, g2: float) -> np.ndarray:
+    """(2, 2) area-preserving matrix of a reduced shear (g1, g2), as ``galsim.Shear(g1=, g2=).getMatrix()``."""
+    g2sq = g1 * g1 + g2 * g2
+    if not g2sq < 1:
+        raise ValueError(f"|g| must be < 1, got ({g1}, {g2})")
+    return np.array([[1 + g1, g2], [g2, 1 - g1]]) / math.sqrt(1 - g2sq)
+
 
 DOWNLOAD_HINT = (
     "Download a COSMOS training sample with GalSim's script, e.g. "

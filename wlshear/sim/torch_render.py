@@ -555,6 +555,28 @@ def analyze_galaxy(gal, settings: TorchRenderSettings = SETTINGS, allow_knots: b
     return an
 
 
+def analytic_from_components(desc: dict, gsparams=None, settings: TorchRenderSettings = SETTINGS,
+                             allow_knots: bool = True):
+    """``AnalyticGalaxy`` of a source's own description (``ParametricSource.components``: radial
+    components ``(kind, n, J [arcsec], flux)`` and knots), or None with knots when they are not
+    allowed (a non-Gaussian PSF). No GalSim profile is built and no check frequencies are
+    evaluated: the description is exact by construction (tested against :func:`analyze_galaxy`)."""
+    import galsim
+
+    if len(desc["knots_w"]) and not allow_knots:
+        return None
+    gsp = galsim.GSParams.check(gsparams)
+    radial = desc["radial"]
+    return AnalyticGalaxy(
+        tid=np.array([_radial_table_id(kind, float(n) if kind == "sersic" else 0.0, gsp, settings)
+                      for kind, n, _, _ in radial], np.int64),
+        jh=np.array([j for _, _, j, _ in radial], float).reshape(-1, 2, 2),
+        w=np.array([f for _, _, _, f in radial], float),
+        knots_xy=np.asarray(desc["knots_xy"], float).reshape(-1, 2),
+        knots_w=np.asarray(desc["knots_w"], float),
+    )
+
+
 class _Cache:
     """Per-source LRU caches of prepared galaxies (module level; never pickled into workers)."""
 
@@ -630,9 +652,13 @@ def prepared(renderer, gid: int, settings: TorchRenderSettings = SETTINGS, devic
     if settings.analytic:
         gauss = isinstance(renderer.psf, galsim.Gaussian)
         key = (int(gid), int(settings.table_size), float(settings.table_scale), float(settings.analytic_tol), gauss)
-        an = CACHE.get(renderer.source, key,
-                       lambda: analyze_galaxy(renderer.source.galaxy(int(gid)), settings, allow_knots=gauss),
-                       settings.analytic_cache_size, bucket="analytic")
+        src = renderer.source
+        if callable(getattr(src, "components", None)):  # described without a GalSim object
+            factory = lambda: analytic_from_components(src.components(int(gid)), src.gsparams, settings,  # noqa: E731
+                                                       allow_knots=gauss)
+        else:
+            factory = lambda: analyze_galaxy(src.galaxy(int(gid)), settings, allow_knots=gauss)  # noqa: E731
+        an = CACHE.get(src, key, factory, settings.analytic_cache_size, bucket="analytic")
         if an is not None:
             return an
     return _prepare_generic(renderer, gid, settings, device, dtype)
