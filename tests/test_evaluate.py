@@ -66,14 +66,25 @@ def test_evaluate_end_to_end(tmp_path):
         assert (out / name).is_file(), name
     data = json.loads((out / "results.json").read_text())
     est = data["estimators"]
-    # CNN with and without symmetry averaging, and the classical baselines on the same stamps
-    for name in ("cnn", "cnn_sym", "lit", "lit_sym", "moments", "ksb", "regauss"):
+    # CNN with and without symmetry averaging, and the default (fast) baselines on the same stamps
+    for name in ("cnn", "cnn_sym", "lit", "lit_sym", "moments"):
         assert name in est, name
         assert est[name]["n_total"] == data["test_set"]["n"]
         assert 0 <= est[name]["n_failed"] <= est[name]["n_total"]
-    # the released wlenet model is absent under this root_dir: skipped with a reason, not dropped
-    assert "wlenet" in data["skipped"] and "not found" in data["skipped"]["wlenet"]
     assert "fpfs" in est or "fpfs" in data["skipped"]
+    assert "ksb" not in est and "regauss" not in est
+    # the default sets are drawn by the torch backend and checked against GalSim in the same run
+    ts = data["test_set"]
+    assert ts["backend"] == "torch"
+    check = ts["backend_check"]
+    assert check["backend"] == "torch" and check["reference"] == "galsim"
+    assert check["n"] == ts["n"] and check["n_failed"] == 0
+    # same galaxies, two renderers: they agree to a small fraction of the peak
+    assert 0 < check["residual_over_peak"]["max"] < 0.02
+    assert check["flux_ratio_median"] == pytest.approx(1.0, abs=0.01)
+    assert set(check["cnn"]) == {"cnn_sym", "lit_sym"}
+    for c in check["cnn"].values():
+        assert np.all(np.isfinite(c["dg_rms"])) and max(c["dg_rms"]) < 0.05
     # ring pairs: m, c from the pair-averaged fit (16 pairs)
     assert est["cnn_sym"]["paired"] and est["cnn_sym"]["n_pairs"] == data["test_set"]["n"] // 2
     summary = (out / "summary.md").read_text()
@@ -89,6 +100,26 @@ def test_evaluate_end_to_end(tmp_path):
     assert matched == {0.25}
     assert {r["noise_scale"] for r in noise_rows if r["estimator"] == "cnn_sym"} == {1.0, 0.25}
     assert res["test_set"]["n"] == data["test_set"]["n"]
+
+
+def test_paper_preset_draws_galsim_sets_with_every_baseline(tmp_path):
+    """evaluate=paper: the paper's protocol (150,000 GalSim stamps, all five baselines); run here on
+    a tiny test set with the studies off."""
+    torch.manual_seed(0)
+    est_path = ShearEstimator(PaperCNN()).save(tmp_path / "run" / "estimator.pt")
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        full = compose("evaluate.yaml", overrides=["evaluate=paper"])
+    assert full.test.n == 150000 and full.test.backend == "galsim" and full.test.check_n == 0
+    assert set(full.baselines) == {"moments", "ksb", "regauss", "fpfs", "wlenet"}
+    assert set(full.studies.baselines) == set(full.baselines)
+    off = [f"studies.{s}.enabled=false" for s in ("magnitude", "conditional", "shear", "centroid", "background", "noise", "metacal")]
+    cfg = _cfg(tmp_path, ["evaluate=paper", f"run_dir={est_path.parent}", "test.n=16", *off])
+    res = run(cfg)
+    assert res["test_set"]["backend"] == "galsim" and res["test_set"]["backend_check"] is None
+    for name in ("cnn_sym", "moments", "ksb", "regauss"):
+        assert res["estimators"][name]["n_total"] == 16, name
+    # the released wlenet model is absent under this root_dir: skipped with a reason, not dropped
+    assert "wlenet" in res["skipped"] and "not found" in res["skipped"]["wlenet"]
 
 
 def test_missing_checkpoint_named(tmp_path):

@@ -346,6 +346,28 @@ class StampRenderer:
             "pair_id": params.pair_id.astype(np.int64),
         }
 
+    def design_params(self, n: int, seed, ring: bool = False) -> StampParams:
+        """The parameters of the ``n`` stamps :meth:`simulate` draws from ``seed`` (no rendering)."""
+        p_seq, _ = np.random.SeedSequence(seed).spawn(2)
+        return self.sample_params(np.random.default_rng(p_seq), n, ring=ring)
+
+    def compare_backends(self, params: StampParams, reference: str = "galsim") -> dict:
+        """Noiseless stamps of ``params`` [counts] drawn by this renderer's backend and by
+        ``reference`` (same source, PSF, augmentation, mask): ``{"stamps", "reference"}`` (N, S, S),
+        ``"residual_over_peak"`` (N,) max |difference| / reference peak, ``"flux_ratio"`` (N,)
+        and ``"failed"`` (N,) bool (either backend failed; NaN there)."""
+        if reference not in _BACKENDS:
+            raise ValueError(f"unknown reference backend {reference!r}; available: {sorted(_BACKENDS)}")
+        mine, _ = self.draw_noiseless(params)
+        ref, _ = self._copy(backend=reference).draw_noiseless(params)
+        failed = ~(np.isfinite(mine).all(axis=(1, 2)) & np.isfinite(ref).all(axis=(1, 2)))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            peak = np.abs(ref).max(axis=(1, 2))
+            res = np.abs(mine - ref).max(axis=(1, 2)) / peak
+            flux = mine.sum(axis=(1, 2)) / ref.sum(axis=(1, 2))
+        res[failed], flux[failed] = np.nan, np.nan
+        return {"stamps": mine, "reference": ref, "residual_over_peak": res, "flux_ratio": flux, "failed": failed}
+
     def simulate(self, n: int, seed, ring: bool = False, chunk: int = 256, progress: bool = False,
                  workers: int = 0) -> StampBatch:
         """Render ``n`` stamps reproducibly from ``seed`` (int or sequence of ints).
@@ -356,8 +378,7 @@ class StampRenderer:
         """
         if int(n) != n or n < 0:
             raise ValueError(f"simulate: n must be an integer >= 0, got {n}")
-        ss = np.random.SeedSequence(seed)
-        p_seq, n_seq = ss.spawn(2)
+        p_seq, n_seq = np.random.SeedSequence(seed).spawn(2)
         params = self.sample_params(np.random.default_rng(p_seq), n, ring=ring)
         jobs = _ChunkJobs(self, params, chunk, n_seq.entropy if isinstance(n_seq.entropy, int) else list(n_seq.entropy),
                           tuple(n_seq.spawn_key))

@@ -54,6 +54,7 @@ from omegaconf import DictConfig, OmegaConf
 from wlshear.data.datasets import CachedStampSet
 from wlshear.metrics.binned import to_csv
 from wlshear.metrics.plots import plot_shear_scatter
+from wlshear.tasks.backend_check import backend_check
 from wlshear.tasks.estimators import (
     build_baselines,
     config_mismatch,
@@ -156,8 +157,9 @@ def _evaluate_test_set(cfg: DictConfig, out_dir: Path, inputs: _Inputs) -> tuple
             msg = f"{name} was trained on different data than this test set: {d}"
             log.warning(msg)
             inputs.notes.append(msg)
-    log.info("building data <%s>", cfg.data._target_)
-    dm = instantiate(cfg.data)
+    backend = cfg.test.get("backend") or data_cfg.get("backend", "galsim")  # every set this run renders
+    log.info("building data <%s>, test sets drawn by the %s backend", cfg.data._target_, backend)
+    dm = instantiate(cfg.data, backend=backend)
     noise_sigma = dm.noise.sigma if dm.noise is not None else None
     baselines, skipped = build_baselines(cfg.get("baselines"), noise_sigma=noise_sigma)
     test_cfg = cfg.test
@@ -166,6 +168,8 @@ def _evaluate_test_set(cfg: DictConfig, out_dir: Path, inputs: _Inputs) -> tuple
                           name=str(test_cfg.get("name", "evaltest")), progress=True,
                           max_failure_fraction=float(dm.hparams.max_failure_fraction))
     pair_ids = test.meta.get("pair_id") if test_cfg.ring else None
+    check = backend_check(dm.eval_renderer, int(test_cfg.n), [test_seed, 7919], bool(test_cfg.ring),
+                          int(test_cfg.get("check_n", 0) or 0), cnns, int(cfg.get("batch_size", 256)))
     log.info("test set: %d stamps (%d failed to render), ring=%s, cache %s", len(test),
              len(test.batch.failures), bool(test_cfg.ring), test.path)
     symmetrize = [bool(s) for s in cfg.get("symmetrize", [False, True])]
@@ -176,7 +180,7 @@ def _evaluate_test_set(cfg: DictConfig, out_dir: Path, inputs: _Inputs) -> tuple
                       ckpt_paths=inputs.ckpt_paths, baselines=baselines, results=res, summaries=summ,
                       noise_sigma=noise_sigma, test_seed=test_seed, noise_ckpts=inputs.noise_ckpts,
                       weights_only=weights_only, notes=inputs.notes)
-    return ctx, {"skipped": skipped, "mismatch": mismatch}
+    return ctx, {"skipped": skipped, "mismatch": mismatch, "backend": backend, "backend_check": check}
 
 
 def _results(ctx: EvalContext, extra: dict, studies: dict, files: dict, t_start: float) -> dict:
@@ -192,7 +196,8 @@ def _results(ctx: EvalContext, extra: dict, studies: dict, files: dict, t_start:
         "test_set": {"n": len(test), "n_requested": int(test_cfg.n), "n_render_failed": len(test.batch.failures),
                      "ring": bool(test_cfg.ring), "seed": ctx.test_seed, "cache": str(test.path) if test.path else None,
                      "noise_scale": data_cfg.get("noise_scale"), "noise_sigma_counts": ctx.noise_sigma,
-                     "population": data_cfg.get("eval_population"),
+                     "population": data_cfg.get("eval_population"), "backend": extra["backend"],
+                     "backend_check": extra["backend_check"],
                      "source": (data_cfg.get("source") or {}).get("_target_")},
         "estimators": ctx.summaries,
         "skipped": extra["skipped"],

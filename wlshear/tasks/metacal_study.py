@@ -101,7 +101,8 @@ def _real_design(rcfg: dict, renderer, seed: int):
                        gsparams=renderer.gsparams, mask_stage=str(rcfg.get("mask_stage", "source")),
                        psf_fwhm=renderer.psf_fwhm)
     r = StampRenderer(src, renderer.noise, renderer.augment, population="natural", psf_fwhm=renderer.psf_fwhm,
-                      pixel_scale=renderer.pixel_scale, stamp_size=renderer.stamp_size, gsparams=renderer.gsparams)
+                      pixel_scale=renderer.pixel_scale, stamp_size=renderer.stamp_size, gsparams=renderer.gsparams,
+                      backend=renderer.backend)
     ids = np.arange(len(src.catalog["mag"]))
     return r.render_shear_pairs(ids, int(rcfg.get("n_orient", 20)), float(rcfg.get("shear", 0.02)), seed,
                                 progress=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from wlshear.calibration.surface import FEATURES
 from wlshear.data.rules import DATA_RULES, POPULATIONS
-from wlshear.sim.render import STAMP_SUFFIXES
+from wlshear.sim.render import _BACKENDS, STAMP_SUFFIXES
 from wlshear.utils.validate import (
     Bool,
     Choice,
@@ -98,6 +98,9 @@ EVALUATE_RULES: dict[str, Rule] = {
     "test.n": Int(2, note="test stamps"),
     "test.ring": Bool(),
     "test.seed_offset": Int(0),
+    "test.backend": Choice(lambda: tuple(sorted(_BACKENDS)), nullable=True,
+                           note="renderer backend of every set evaluate draws (null: data.backend)"),
+    "test.check_n": Int(0, note="test stamps redrawn by GalSim to check a faster backend (0: no check)"),
     "bootstrap": Int(0),
     "target_sigma_m": Float(0, lo_open=True),
     "plots.scatter": Bool(),
