@@ -8,7 +8,12 @@ is reported apart from the later ones (workers persist, so what they prepared is
 CNN alone, on stamps already in memory with the same optimiser step, is the ceiling.
 
     python benchmarks/train_throughput.py                 # both backends, 3 epochs of 6000 stamps
+    python benchmarks/train_throughput.py --backends galsim torch torch_device   # + stamps drawn on the device
     python benchmarks/train_throughput.py --samples 20000 --backends torch --epochs 2
+
+``torch_device`` is the torch backend with ``data.render_on_device=true``: the workers only plan
+each batch, the trainer's device draws it (on this CPU-only machine the main process does, so
+it competes with the optimiser for the same cores; on a GPU it is the path that keeps the GPU fed).
 
 Writes ``benchmarks/RESULTS_train_throughput.md`` (full table) and replaces the summary line
 ``end-to-end training stream: torch N stamps/s = R.Rx GalSim`` in ``benchmarks/RESULTS.md``.
@@ -29,14 +34,20 @@ from _machine import machine_header
 
 REPO = Path(__file__).resolve().parents[1]
 LINE = "end-to-end training stream"
+#: benchmark row -> train.py data overrides
+VARIANTS = {"galsim": ["data.backend=galsim"], "torch": ["data.backend=torch"],
+            "torch_device": ["data.backend=torch", "data.render_on_device=true"]}
 #: validation is off, so the LR-on-plateau scheduler watches the training loss
 BASE = ["model.scheduler_monitor=train/loss_epoch"]
+
+
+ACCELERATOR = {"name": "auto"}  # --accelerator
 
 
 def _trainer(epochs: int, callbacks):
     import lightning as L
 
-    return L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    return L.Trainer(max_epochs=epochs, accelerator=ACCELERATOR["name"], devices=1, logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                      num_sanity_val_steps=0, callbacks=callbacks)
 
@@ -64,7 +75,7 @@ def stream_rate(backend: str, samples: int, epochs: int, overrides: list[str]) -
 
     from wlshear.utils.hydra import compose_config
 
-    cfg = compose_config("train", [f"data.backend={backend}", f"data.samples_per_epoch={samples}",
+    cfg = compose_config("train", [*VARIANTS[backend], f"data.samples_per_epoch={samples}",
                                    "data.val_size=2", f"paths.root_dir={REPO}", *BASE,
                                    f"paths.output_dir={REPO / 'outputs' / 'bench_throughput'}", *overrides])
     torch.manual_seed(0)
@@ -113,10 +124,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=6000, help="stamps per training epoch")
     ap.add_argument("--epochs", type=int, default=3, help="training epochs per backend (>= 2: the first is reported apart)")
-    ap.add_argument("--backends", nargs="+", default=["galsim", "torch"])
+    ap.add_argument("--backends", nargs="+", default=["galsim", "torch"], choices=sorted(VARIANTS))
     ap.add_argument("--override", nargs="*", default=[], help="more train.py overrides, e.g. data.num_workers=4")
+    ap.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto: a GPU where there is one)")
     ap.add_argument("--out", default="benchmarks/RESULTS_train_throughput.md")
     args = ap.parse_args(argv)
+    ACCELERATOR["name"] = args.accelerator
     if args.epochs < 2:
         raise SystemExit("--epochs must be >= 2 (the first epoch includes the workers' start-up)")
     rows = []

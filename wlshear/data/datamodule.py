@@ -8,6 +8,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from wlshear.data.datasets import CachedStampSet, EpochLoader, GroupedShearStream, ShearStream
+from wlshear.data.device_render import PlanStream, draw_on_device, is_plan_batch
 from wlshear.data.rules import DATA_RULES
 from wlshear.sim.augment import Augmentation
 from wlshear.sim.constants import PIXEL_SCALE, PSF_FWHM, STAMP_SIZE
@@ -50,6 +51,9 @@ class ShearDataModule(L.LightningDataModule):
         ``RenderFailureError`` and is not cached (default 1%)
     stream_max_failure_fraction : the training stream stops with ``RenderFailureError`` when its
         running failure fraction passes this (default 5%, judged after 100 stamps per worker)
+    render_on_device : draw the training stamps on the training device (torch backend only):
+        workers send batch plans, ``on_after_batch_transfer`` draws them where the batch landed
+        (``wlshear.data.device_render``); validation, test and refit sets stay cached
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class ShearDataModule(L.LightningDataModule):
         max_failure_fraction: float = 0.01,
         stream_max_failure_fraction: float = 0.05,
         render_margin: int = 0,
+        render_on_device: bool = False,
     ):
         super().__init__()
         validate_values(
@@ -89,12 +94,16 @@ class ShearDataModule(L.LightningDataModule):
                  backend=backend, samples_per_epoch=samples_per_epoch, val_size=val_size, test_size=test_size,
                  refit_size=refit_size, test_ring=test_ring, batch_size=batch_size, eval_batch_size=eval_batch_size,
                  num_workers=num_workers, seed=seed, chunk=chunk, max_failure_fraction=max_failure_fraction,
-                 stream_max_failure_fraction=stream_max_failure_fraction, render_margin=render_margin),
+                 stream_max_failure_fraction=stream_max_failure_fraction, render_margin=render_margin,
+                 render_on_device=render_on_device),
             DATA_RULES, prefix="data.", what="data value")
         # plain containers only, so checkpoints load with torch.load(weights_only=True)
         augment, mag_bins, gsparams = _plain(augment), _plain(mag_bins), _plain(gsparams)
         noise_kernel = None if noise_kernel is None else str(noise_kernel)
         target_catalog = None if target_catalog is None else str(target_catalog)
+        if render_on_device and backend != "torch":
+            raise ValueError(f"data.render_on_device=true draws stamps with the torch renderer on the training device; "
+                             f"data.backend is {backend!r} (set data.backend=torch)")
         self.save_hyperparameters(ignore=["source"], logger=False)
         self.source = source
         self.noise = CorrelatedNoise(noise_kernel, noise_scale) if noise_scale > 0 else None
@@ -117,7 +126,10 @@ class ShearDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
-        if stage in (None, "fit") and self.train_set is None:
+        if stage in (None, "fit") and self.train_set is None and hp.get("render_on_device"):
+            self.train_set = PlanStream(self.train_renderer, hp.samples_per_epoch, hp.batch_size, seed=hp.seed,
+                                        max_failure_fraction=hp.stream_max_failure_fraction)
+        elif stage in (None, "fit") and self.train_set is None:
             self.train_set = ShearStream(self.train_renderer, hp.samples_per_epoch, seed=hp.seed, chunk=hp.chunk,
                                          max_failure_fraction=hp.stream_max_failure_fraction)
         if stage in (None, "fit", "validate") and self.val_set is None:
@@ -140,8 +152,17 @@ class ShearDataModule(L.LightningDataModule):
     # -- loaders ---------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
+        if isinstance(self.train_set, PlanStream):  # items are whole batch plans
+            return EpochLoader(self.train_set, start_epoch=self._train_passes, batch_size=None,
+                               num_workers=hp.num_workers)
         return EpochLoader(self.train_set, start_epoch=self._train_passes, batch_size=hp.batch_size,
                            num_workers=hp.num_workers)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Draw a device-rendered training batch (a plan) where it landed; other batches pass."""
+        if is_plan_batch(batch):
+            return draw_on_device(self.train_renderer, batch)
+        return batch
 
     def _eval_loader(self, ds) -> DataLoader:
         return DataLoader(ds, batch_size=self.hparams.eval_batch_size, shuffle=False, num_workers=0)
@@ -173,6 +194,9 @@ class GroupedShearDataModule(ShearDataModule):
         # plain containers: Lightning also records this frame's kwargs in the hparams (checkpoints
         # must load with torch.load(weights_only=True))
         kwargs = {k: _plain(v) for k, v in kwargs.items()}
+        if kwargs.get("render_on_device"):
+            raise ValueError("data.render_on_device is not available for the grouped stream (data=grouped): its "
+                             "groups share noise fields drawn on the host; use data=default")
         super().__init__(*args, **kwargs)
         if group_size < 2:
             raise ValueError(f"data.group_size must be >= 2, got {group_size}")

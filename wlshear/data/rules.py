@@ -34,6 +34,7 @@ DATA_RULES: dict[str, Rule] = {
     "num_workers": Int(0, 256),
     "chunk": Int(1),
     "render_margin": Int(0, 64, "pixels rendered beyond each stamp edge (the metacal operator's input margin)"),
+    "render_on_device": Bool(),
     "seed": Int(0),
     "group_size": Int(2, note="stamps per galaxy group"),
     "same_noise": Bool(),

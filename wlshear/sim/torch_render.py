@@ -371,6 +371,7 @@ class _RadialTable:
 
 
 _TABLE_IDS: dict = {}  # (kind, n, gsparams, table_size, table_scale) -> index in _TABLES
+_TABLE_KEYS: list = []  # index -> key: plans name tables by key, so they travel between processes
 _TABLES: list = []
 _TABLE_STACK: dict = {}  # (n_tables, device, dtype) -> (n_tables * table_size,) tensor
 
@@ -425,6 +426,7 @@ def _radial_table_id(kind: str, n: float, gsparams, settings: TorchRenderSetting
     w = np.gradient(kk) * kk * uu / (2 * np.pi)
     peak = np.array([np.sum(w * np.exp(-0.5 * (kk * rho) ** 2)) for rho in np.exp(log_rho)])
     _TABLES.append(_RadialTable(kv, log_r, xv, log_rho, peak))
+    _TABLE_KEYS.append(key)
     _TABLE_IDS[key] = len(_TABLES) - 1
     return _TABLE_IDS[key]
 
@@ -611,6 +613,7 @@ def clear_caches(tables: bool = False) -> None:
     CACHE.clear()
     if tables:
         _TABLE_IDS.clear()
+        _TABLE_KEYS.clear()
         _TABLES.clear()
         _TABLE_STACK.clear()
         _GRIDS.clear()
@@ -671,21 +674,43 @@ def prepared(renderer, gid: int, settings: TorchRenderSettings = SETTINGS, devic
 def draw_batch(renderer, params, size: int, settings: TorchRenderSettings | None = None):
     """Draw noiseless stamps like the GalSim backend (before mask / flux factor / noise).
 
-    Returns (images (N, size, size) float64 numpy, failures list of (row, message)); a failed
-    row holds NaN.
+    ``execute_plan(plan_batch(...))`` on ``settings.device``. Returns (images (N, size, size)
+    float64 numpy, failures list of (row, message)); a failed row holds NaN.
+    """
+    settings = settings or SETTINGS
+    plan = plan_batch(renderer, params, size, settings)
+    out = execute_plan(renderer, plan, settings.device, settings).cpu().numpy()
+    failures = list(plan["failures"])
+    failed = {i for i, _ in failures}
+    for i in np.flatnonzero(~np.all(np.isfinite(out), axis=(1, 2))):
+        if int(i) not in failed:
+            failures.append((int(i), "non-finite pixels in the torch renderer"))
+    return out, failures
+
+
+def plan_batch(renderer, params, size: int, settings: TorchRenderSettings | None = None) -> dict:
+    """The host stage of drawing ``params``: prepare the galaxies (cached per process), choose
+    each stamp's output period, and reduce every analytic stamp to the few numbers the device
+    stage needs (per component: the quadratic form of kappa^2 [arcsec^2], flux, table; per
+    stamp: the centroid phases [rad]; per knot: its pixel-integrated profile along x and y).
+    Generic (k-grid) galaxies are drawn here on ``settings.device``.
+
+    The plan holds numpy arrays and plain values only, names radial tables by key (not by this
+    process's index), and so can be made in a DataLoader worker and drawn by
+    :func:`execute_plan` on the training device. Keys: ``n``, ``size``, ``ok`` (N,) bool,
+    ``failures`` [(row, message)], ``table_keys``, ``groups`` (one per output period),
+    ``knots``, ``generic_rows`` / ``generic_images``.
     """
     settings = settings or SETTINGS
     device = torch.device(settings.device)
-    dtype = settings.dtype
     n = len(params)
-    out = np.full((n, size, size), np.nan)
-    failures = []
-    if n == 0:
-        return out, failures
     if size > min(settings.periods):
         raise ValueError(f"stamp size {size} exceeds the smallest torch renderer period {min(settings.periods)}; "
                          "raise SETTINGS.periods")
-
+    plan = {"n": n, "size": int(size), "ok": np.zeros(n, bool), "failures": [], "table_keys": [], "groups": [],
+            "knots": None, "generic_rows": np.zeros(0, np.int64), "generic_images": np.zeros((0, size, size))}
+    if n == 0:
+        return plan
     a = transform_matrices(params)  # (N, 2, 2)
     gid = np.asarray(params.galaxy_id, np.int64)
     dx = np.asarray(params.dx, float)
@@ -693,37 +718,87 @@ def draw_batch(renderer, params, size: int, settings: TorchRenderSettings | None
     preps = {}
     for g in np.unique(gid):
         try:
-            preps[int(g)] = prepared(renderer, int(g), settings, device, dtype)
+            preps[int(g)] = prepared(renderer, int(g), settings, device, settings.dtype)
         except Exception as err:  # a galaxy GalSim cannot prepare becomes a recorded failure
             for i in np.flatnonzero(gid == g):
-                failures.append((int(i), f"{type(err).__name__}: {err}"))
+                plan["failures"].append((int(i), f"{type(err).__name__}: {err}"))
     ok = np.array([int(g) in preps for g in gid])
+    plan["ok"] = ok
     is_an = np.array([isinstance(preps.get(int(g)), AnalyticGalaxy) for g in gid])
     rows_an = np.flatnonzero(ok & is_an)
-    period = np.zeros(n, np.int64)
-    for i in np.flatnonzero(ok & ~is_an):
-        period[i] = preps[int(gid[i])].period
-    an_parts = None
     if len(rows_an):
-        an_parts = _analytic_components(renderer, rows_an, a, gid, preps, dx, dy, size, settings)
-        period[rows_an] = an_parts["period"]
-    for per in np.unique(period[period > 0]):
-        grid = _output_grid(renderer, settings, device, dtype, int(per))
-        sel_an = rows_an[period[rows_an] == per]
-        if len(sel_an):
-            vals = _analytic_values(an_parts, sel_an, grid, a, settings, device, dtype)
-            out[sel_an] = _assemble(grid, vals, dx[sel_an], dy[sel_an], renderer.pixel_scale, size, device, dtype)
-        sel_g = np.flatnonzero(ok & ~is_an & (period == per))
-        if len(sel_g):
-            vals = _generic_values(grid, sel_g, a, gid, preps, device, dtype)
-            out[sel_g] = _assemble(grid, vals, dx[sel_g], dy[sel_g], renderer.pixel_scale, size, device, dtype)
-    if an_parts is not None:
-        _add_knots(out, renderer, rows_an, a, gid, preps, dx, dy, size)
-    failed = {i for i, _ in failures}
-    for i in np.flatnonzero(~np.all(np.isfinite(out), axis=(1, 2))):
-        if int(i) not in failed:
-            failures.append((int(i), "non-finite pixels in the torch renderer"))
-    return out, failures
+        parts = _analytic_components(renderer, rows_an, a, gid, preps, dx, dy, size, settings)
+        used, parts["tid"] = np.unique(parts["tid"], return_inverse=True)
+        plan["table_keys"] = [_TABLE_KEYS[int(t)] for t in used]
+        for per in np.unique(parts["period"]):
+            plan["groups"].append(_analytic_group(parts, rows_an[parts["period"] == per], int(per), dx, dy,
+                                                  renderer.pixel_scale, size))
+        plan["knots"] = _knot_plan(renderer, rows_an, a, gid, preps, dx, dy, size)
+    rows_g = np.flatnonzero(ok & ~is_an)
+    if len(rows_g):
+        images = np.zeros((len(rows_g), size, size))
+        period = np.array([preps[int(gid[i])].period for i in rows_g])
+        for per in np.unique(period):
+            grid = _output_grid(renderer, settings, device, settings.dtype, int(per))
+            loc = np.flatnonzero(period == per)
+            vals = _generic_values(grid, rows_g[loc], a, gid, preps, device, settings.dtype)
+            phases = _phases(dx[rows_g[loc]], dy[rows_g[loc]], renderer.pixel_scale, size, int(per))
+            images[loc] = _assemble(grid, vals, phases, size, device, settings.dtype).cpu().numpy()
+        plan["generic_rows"], plan["generic_images"] = rows_g, images
+    return plan
+
+
+def plan_tensors(plan: dict) -> dict:
+    """The plan with its arrays as torch tensors (complex phases as complex64), ready for a
+    DataLoader and ``batch_to_device``; ``failures`` is left out (count them where the plan is
+    made)."""
+    def conv(v):
+        if isinstance(v, np.ndarray):
+            return torch.as_tensor(v.astype(np.complex64) if np.iscomplexobj(v) else v)
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [conv(x) for x in v]
+        return v
+
+    return {k: conv(v) for k, v in plan.items() if k != "failures"}
+
+
+def execute_plan(renderer, plan: dict, device=None, settings: TorchRenderSettings | None = None) -> torch.Tensor:
+    """The device stage: noiseless stamps (N, size, size) float64 on ``device`` (default
+    ``settings.device``) from a :func:`plan_batch` plan (numpy arrays or tensors on any device);
+    rows that failed to prepare are NaN. The radial tables named by the plan are built here on
+    first use (this process's own indices)."""
+    settings = settings or SETTINGS
+    device = torch.device(device if device is not None else settings.device)
+    dtype = settings.dtype
+    n, size = int(plan["n"]), int(plan["size"])
+    out = torch.full((n, size, size), float("nan"), dtype=torch.float64, device=device)
+    ok = torch.as_tensor(plan["ok"], device=device)
+    out[ok] = 0.0
+    if plan["groups"]:
+        ids = []
+        for key in plan["table_keys"]:
+            kind, index, gsparams, table_size, table_scale = key
+            if (int(table_size), float(table_scale)) != (int(settings.table_size), float(settings.table_scale)):
+                raise ValueError(f"plan made with radial tables of size {table_size}, scale {table_scale}; this process "
+                                 f"uses {settings.table_size}, {settings.table_scale} (SETTINGS changed between them)")
+            ids.append(_radial_table_id(kind, index, gsparams, settings))
+        tables = torch.as_tensor(np.asarray(ids, np.int64) * int(settings.table_size), device=device)
+        for grp in plan["groups"]:
+            grid = _output_grid(renderer, settings, device, dtype, int(grp["period"]))
+            vals = _analytic_values(grp, grid, tables, settings, device, dtype)
+            rows = torch.as_tensor(grp["rows"], device=device)
+            out[rows] = _assemble(grid, vals, grp["phases"], size, device, dtype).to(torch.float64)
+        kn = plan["knots"]
+        if kn is not None and len(kn["row"]):
+            ex = torch.as_tensor(kn["ex"], dtype=torch.float64, device=device)
+            ey = torch.as_tensor(kn["ey"], dtype=torch.float64, device=device)
+            out.index_add_(0, torch.as_tensor(kn["row"], device=device), ey[:, :, None] * ex[:, None, :])
+    if len(plan["generic_rows"]):
+        out[torch.as_tensor(plan["generic_rows"], device=device)] = torch.as_tensor(
+            plan["generic_images"], dtype=torch.float64, device=device)
+    return out
 
 
 def _analytic_components(renderer, rows, a, gid, preps, dx, dy, size, settings) -> dict:
@@ -766,28 +841,34 @@ def _analytic_components(renderer, rows, a, gid, preps, dx, dy, size, settings) 
     return {"row": row, "tid": tid, "m": m, "w": w, "period": periods[first], "rows": rows}
 
 
-def _analytic_values(parts, sel, grid, a, settings, device, dtype) -> torch.Tensor:
-    """F'(k) T(k) (real) of the analytic stamps ``sel`` (subset of parts['rows']) on the grid's
-    kept points: (len(sel), P)."""
+def _analytic_group(parts, sel, period, dx, dy, p, size) -> dict:
+    """Plan arrays of the analytic stamps ``sel`` (rows of the batch, one output period)."""
     pos = np.searchsorted(parts["rows"], sel)  # local indices of the selected stamps
     loc = np.full(len(parts["rows"]), -1)
     loc[pos] = np.arange(len(sel))
     cl = np.flatnonzero(loc[parts["row"]] >= 0)
-    crow = loc[parts["row"][cl]]
     m = parts["m"][cl]
     q = m @ np.swapaxes(m, 1, 2)  # Q = M M^T: kappa^2 = k^T Q k
-    coef = torch.as_tensor(np.stack([q[:, 0, 0], 2 * q[:, 0, 1], q[:, 1, 1]], 1), dtype=dtype, device=device)
-    w = torch.as_tensor(parts["w"][cl], dtype=dtype, device=device)
+    return {"period": int(period), "rows": np.asarray(sel, np.int64), "crow": loc[parts["row"][cl]].astype(np.int64),
+            "coef": np.stack([q[:, 0, 0], 2 * q[:, 0, 1], q[:, 1, 1]], 1), "w": parts["w"][cl],
+            "tid": parts["tid"][cl].astype(np.int64), "phases": _phases(dx[sel], dy[sel], p, size, period)}
+
+
+def _analytic_values(grp, grid, tables, settings, device, dtype) -> torch.Tensor:
+    """F'(k) T(k) (real) of a plan group's stamps on the grid's kept points: (stamps, P + 1),
+    the last column zero (folding). ``tables``: offset of each plan table in the table stack."""
+    coef = torch.as_tensor(grp["coef"], device=device).to(dtype)
+    w = torch.as_tensor(grp["w"], device=device).to(dtype)
+    crow_t = torch.as_tensor(grp["crow"], device=device)
+    base = tables[torch.as_tensor(grp["tid"], device=device)].to(torch.int32)
     nt = int(settings.table_size)
-    base = torch.as_tensor(parts["tid"][cl] * nt, dtype=torch.int32, device=device)
     table = _table_stack(device, dtype)
     npts = grid.k.shape[0]
-    out = torch.zeros((len(sel), npts + 1), dtype=dtype, device=device)  # last column: 0 (folding)
-    crow_t = torch.as_tensor(crow, device=device)
+    out = torch.zeros((len(grp["rows"]), npts + 1), dtype=dtype, device=device)
     step = max(1, int(settings.chunk_elements) // max(npts, 1))
     scale = float(settings.table_scale)
-    for s in range(0, len(cl), step):
-        e = min(s + step, len(cl))
+    for s in range(0, coef.shape[0], step):
+        e = min(s + step, coef.shape[0])
         c = coef[s:e]
         kap = c[:, 0:1] * grid.kx2
         kap.addcmul_(c[:, 1:2], grid.kxy)
@@ -847,9 +928,25 @@ def _fold_index(grid, device) -> torch.Tensor:
     return idx
 
 
-def _assemble(grid, vals, dx, dy, p, size, device, dtype) -> np.ndarray:
-    """Images (n, size, size) float64 from the values (n, P + 1) at the grid's kept points
-    (the last column is zero).
+def _phases(dx, dy, p: float, size: int, n_out: int) -> dict:
+    """Centroid phases of stamps of period ``n_out`` (see :func:`_assemble`): ``w`` (n, 4) and
+    ``px`` (n, n_out / 2 + 1), ``py`` (n, n_out), complex. x0, y0: centre of output pixel (0, 0)
+    relative to the profile centre [arcsec]."""
+    c = (size - 1) / 2.0
+    x0 = (-c - np.asarray(dx, float)) * p
+    y0 = (-c - np.asarray(dy, float)) * p
+    wx = np.exp(-2j * np.pi * x0 / p)
+    wy = np.exp(-2j * np.pi * y0 / p)
+    dk = 2 * np.pi / (n_out * p)
+    kx = np.arange(n_out // 2 + 1) * dk
+    ky = np.arange(n_out) * dk
+    return {"w": np.stack([np.ones(len(x0)), wy, wx, wx * wy], 1), "px": np.exp(1j * x0[:, None] * kx[None, :]),
+            "py": np.exp(1j * y0[:, None] * ky[None, :])}
+
+
+def _assemble(grid, vals, phases, size, device, dtype) -> torch.Tensor:
+    """Images (n, size, size) in ``dtype`` on ``device`` from the values (n, P + 1) at the grid's
+    kept points (the last column is zero) and the stamps' :func:`_phases`.
 
     The fine half plane (rows: 2 n_out frequencies in FFT order, columns k_x = 0..n_out dk) is
     folded onto the pixel grid's half plane (n_out rows, n_out / 2 + 1 columns): output cell
@@ -864,44 +961,40 @@ def _assemble(grid, vals, dx, dy, p, size, device, dtype) -> np.ndarray:
     nh = n_out // 2
     cells = n_out * (nh + 1)
     gathered = vals.index_select(1, _fold_index(grid, device)).view(n, cells, 4)
-    c = (size - 1) / 2.0
-    # x0, y0: centre of output pixel (0, 0) relative to the profile centre [arcsec]
-    x0 = (-c - np.asarray(dx, float)) * p
-    y0 = (-c - np.asarray(dy, float)) * p
     ctype = torch.complex64 if dtype == torch.float32 else torch.complex128
-    wx = np.exp(-2j * np.pi * x0 / p)
-    wy = np.exp(-2j * np.pi * y0 / p)
-    w = np.stack([np.ones(n), wy, wx, wx * wy], 1)  # (n, 4)
+    w = torch.as_tensor(phases["w"], device=device).to(ctype)  # (n, 4)
     if vals.is_complex():
         gathered = torch.cat([gathered[..., :2], gathered[..., 2:].conj()], -1)
-        folded = torch.bmm(gathered, torch.as_tensor(w, dtype=ctype, device=device)[:, :, None])[..., 0]
+        folded = torch.bmm(gathered, w[:, :, None])[..., 0]
     else:
-        coef = torch.as_tensor(np.stack([w.real, w.imag], -1), dtype=dtype, device=device)  # (n, 4, 2)
-        folded = torch.view_as_complex(torch.bmm(gathered, coef))
+        coef = torch.stack([w.real, w.imag], -1).to(dtype)  # (n, 4, 2)
+        folded = torch.view_as_complex(torch.bmm(gathered, coef).contiguous())
     folded = folded.view(n, n_out, nh + 1)
-    kx = np.arange(nh + 1) * grid.dk
-    ky = np.arange(n_out) * grid.dk
-    px = torch.as_tensor(np.exp(1j * x0[:, None] * kx[None, :]), dtype=ctype, device=device)
-    py = torch.as_tensor(np.exp(1j * y0[:, None] * ky[None, :]), dtype=ctype, device=device)
-    folded *= py[:, :, None] * px[:, None, :]
-    img = torch.fft.irfft2(folded, s=(n_out, n_out))[:, :size, :size]
-    return img.to(torch.float64).cpu().numpy()
+    px = torch.as_tensor(phases["px"], device=device).to(ctype)
+    py = torch.as_tensor(phases["py"], device=device).to(ctype)
+    folded = folded * (py[:, :, None] * px[:, None, :])
+    return torch.fft.irfft2(folded, s=(n_out, n_out))[:, :size, :size]
 
 
-def _add_knots(out, renderer, rows, a, gid, preps, dx, dy, size) -> None:
-    """Add the point sources of analytic galaxies, drawn in real space (Gaussian PSF x pixel)."""
+def _knot_plan(renderer, rows, a, gid, preps, dx, dy, size) -> dict:
+    """The point sources of analytic galaxies in real space (Gaussian PSF x pixel), separable:
+    knot j adds ``ey[j][:, None] * ex[j][None, :]`` to stamp ``row[j]`` (flux in ``ey``)."""
     from scipy.special import ndtr
 
     p = renderer.pixel_scale
     sig = _psf_sigma(renderer.psf)
     c = (size - 1) / 2.0
     edges = (np.arange(size + 1) - 0.5 - c) * p
+    row, ex, ey = [], [], []
     for i in rows:
         an = preps[int(gid[i])]
         if not len(an.knots_w):
             continue
         xy = an.knots_xy @ a[i].T  # (M, 2) lensed positions [arcsec]
         w = an.knots_w * abs(np.linalg.det(a[i]))
-        ex = np.diff(ndtr((edges[None, :] - dx[i] * p - xy[:, 0:1]) / sig), axis=1)  # (M, size)
-        ey = np.diff(ndtr((edges[None, :] - dy[i] * p - xy[:, 1:2]) / sig), axis=1)
-        out[i] += (ey * w[:, None]).T @ ex
+        ex.append(np.diff(ndtr((edges[None, :] - dx[i] * p - xy[:, 0:1]) / sig), axis=1))  # (M, size)
+        ey.append(np.diff(ndtr((edges[None, :] - dy[i] * p - xy[:, 1:2]) / sig), axis=1) * w[:, None])
+        row.append(np.full(len(w), int(i)))
+    if not row:
+        return {"row": np.zeros(0, np.int64), "ex": np.zeros((0, size)), "ey": np.zeros((0, size))}
+    return {"row": np.concatenate(row), "ex": np.concatenate(ex), "ey": np.concatenate(ey)}
