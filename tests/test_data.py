@@ -116,3 +116,33 @@ def test_datamodule_sets_and_test_mode(tmp_path):
     assert dm.train_renderer.augment.shift == 3.5
     refit = dm.refit_set(6)
     assert len(refit) == 6 and np.all(refit.meta["dx"] == 0)
+
+
+@pytest.mark.parametrize("backend", ["galsim", "torch"])
+def test_galaxy_disjoint_split_keeps_test_galaxies_out_of_training(tmp_path, backend):
+    """data.split (default on): training stream, validation and refit sets draw training-side ids
+    only, the test set test-side ids only, for both backends and when read back from the cache."""
+    src = ParametricSource(n_galaxies=60, p_knots=0.0, seed=0)
+    kw = dict(noise_scale=1.0, backend=backend, train_population="natural", samples_per_epoch=40, batch_size=20,
+              num_workers=0, val_size=30, test_size=30, refit_size=30, test_ring=True, cache_dir=str(tmp_path))
+    dm = ShearDataModule(src, **kw)
+    ids = dm.split_ids()
+    train, test = set(ids["train"].tolist()), set(ids["test"].tolist())
+    assert len(test) == 9 and len(train) == 51 and not train & test
+    stream = ShearStream(dm.train_renderer, samples_per_epoch=200, seed=1, chunk=50, return_meta=True)
+    seen = {int(meta["galaxy_id"]) for _, _, meta in stream}
+    assert seen <= train and len(seen) > 20
+    dm.setup()
+    for ds in (dm.val_set, dm.refit_set(30)):
+        assert set(ds.meta["galaxy_id"].tolist()) <= train
+    assert set(dm.test_set.meta["galaxy_id"].tolist()) <= test
+    # read back from the cache: the same sides
+    again = ShearDataModule(src, **kw)
+    again.setup("test")
+    assert again.test_set.path == dm.test_set.path and set(again.test_set.meta["galaxy_id"].tolist()) <= test
+    # the split is fixed by its seed; without it every set draws from every galaxy (another cache)
+    assert np.array_equal(ShearDataModule(src, **kw).split_ids()["test"], ids["test"])
+    shared = ShearDataModule(src, **{**kw, "split": {"enabled": False}})
+    assert shared.split_ids() is None and np.all(shared.eval_renderer.weights > 0)
+    shared.setup("test")
+    assert shared.test_set.path != dm.test_set.path

@@ -44,6 +44,17 @@ def test_smoke_train_refit_evaluate(tmp_path):
     est = wlshear.load_estimator(out / "estimator_refit.pt")
     g = est.predict(np.random.default_rng(0).normal(size=(5, 32, 32)).astype(np.float32), symmetrize=True)
     assert g.shape == (5, 2) and np.all(np.isfinite(g))
+    # the default symmetric refit (ring-paired refit stamps): c = 0 by construction, so the
+    # calibrated estimator is exactly equivariant under the 8 symmetries of the square
+    assert saved["refit"]["symmetric"] is True
+    assert est.calibration["c1"] == 0.0 and est.calibration["c2"] == 0.0 and est.calibration["m1"] != 0.0
+    from wlshear.models.symmetry import apply_np, shear_sign
+
+    x = np.random.default_rng(1).normal(size=(6, 32, 32)).astype(np.float32)
+    g0 = est.predict(x, symmetrize=True)
+    for k in range(8):
+        gk = est.predict(np.ascontiguousarray(apply_np(x, k)), symmetrize=True)
+        assert np.abs(gk - g0 * np.array(shear_sign(k))).max() < 1e-5, k
     # a second run reuses the cached evaluation sets
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 3
 

@@ -13,6 +13,7 @@ from wlshear.data.rules import DATA_RULES
 from wlshear.sim.augment import Augmentation
 from wlshear.sim.constants import PIXEL_SCALE, PSF_FWHM, STAMP_SIZE
 from wlshear.sim.noise import CorrelatedNoise
+from wlshear.sim.population import split_galaxies
 from wlshear.sim.render import StampRenderer
 from wlshear.sim.sources import GalaxySource
 from wlshear.utils.plain import to_plain
@@ -51,6 +52,11 @@ class ShearDataModule(L.LightningDataModule):
         ``RenderFailureError`` and is not cached (default 1%)
     stream_max_failure_fraction : the training stream stops with ``RenderFailureError`` when its
         running failure fraction passes this (default 5%, judged after 100 stamps per worker)
+    split : galaxy-disjoint split, ``{"enabled", "test_fraction", "seed"}`` (default on, 15%, seed 0;
+        ``wlshear.sim.population.split_galaxies``): the training stream, validation and refit sets
+        draw only training-side galaxy ids (``train_renderer``, ``fit_renderer``), the test sets
+        only test-side ids (``eval_renderer``); ``split_ids()`` gives both. ``enabled: false``:
+        every set draws from every galaxy
     render_on_device : draw the training stamps on the training device (torch backend only):
         workers send batch plans, ``on_after_batch_transfer`` draws them where the batch landed
         (``wlshear.data.device_render``); validation, test and refit sets stay cached
@@ -86,6 +92,7 @@ class ShearDataModule(L.LightningDataModule):
         stream_max_failure_fraction: float = 0.05,
         render_margin: int = 0,
         render_on_device: bool = False,
+        split: dict | None = None,
     ):
         super().__init__()
         validate_values(
@@ -95,10 +102,10 @@ class ShearDataModule(L.LightningDataModule):
                  refit_size=refit_size, test_ring=test_ring, batch_size=batch_size, eval_batch_size=eval_batch_size,
                  num_workers=num_workers, seed=seed, chunk=chunk, max_failure_fraction=max_failure_fraction,
                  stream_max_failure_fraction=stream_max_failure_fraction, render_margin=render_margin,
-                 render_on_device=render_on_device),
+                 render_on_device=render_on_device, split=_plain(split) or {}),
             DATA_RULES, prefix="data.", what="data value")
         # plain containers only, so checkpoints load with torch.load(weights_only=True)
-        augment, mag_bins, gsparams = _plain(augment), _plain(mag_bins), _plain(gsparams)
+        augment, mag_bins, gsparams, split = _plain(augment), _plain(mag_bins), _plain(gsparams), _plain(split)
         noise_kernel = None if noise_kernel is None else str(noise_kernel)
         target_catalog = None if target_catalog is None else str(target_catalog)
         if render_on_device and backend != "torch":
@@ -110,16 +117,34 @@ class ShearDataModule(L.LightningDataModule):
         aug = Augmentation(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(augment or {}).items()})
         common = dict(psf_fwhm=psf_fwhm, pixel_scale=pixel_scale, stamp_size=stamp_size + 2 * int(render_margin),
                       gsparams=gsparams, backend=backend, mag_bins=mag_bins, target_catalog=target_catalog)
-        self.train_renderer = StampRenderer(source, self.noise, aug, population=train_population, **common)
-        self.eval_renderer = StampRenderer(source, self.noise, aug.test_mode(), population=eval_population, **common)
+        split = {"enabled": True, "test_fraction": 0.15, "seed": 0, **dict(split or {})}
+        self.split_config = split
+        self._split = None
+        if split["enabled"]:
+            self._split = split_galaxies(len(source), float(split["test_fraction"]), int(split["seed"]))
+        train_ids, test_ids = self._split if self._split is not None else (None, None)
+        self.train_renderer = StampRenderer(source, self.noise, aug, population=train_population,
+                                            galaxy_ids=train_ids, **common)
+        # validation and refit sets: training-side galaxies, evaluation augmentation and population
+        self.fit_renderer = StampRenderer(source, self.noise, aug.test_mode(), population=eval_population,
+                                          galaxy_ids=train_ids, **common)
+        self.eval_renderer = StampRenderer(source, self.noise, aug.test_mode(), population=eval_population,
+                                           galaxy_ids=test_ids, **common)
         self.cache_dir = cache_dir
         self.train_set: ShearStream | None = None
         self.val_set = self.test_set = None
         self._train_passes = 0
 
     # -- sets ------------------------------------------------------------------------------
+    def split_ids(self) -> dict | None:
+        """``{"train": ids, "test": ids}`` of the galaxy-disjoint split (None when disabled)."""
+        if self._split is None:
+            return None
+        return {"train": self._split[0], "test": self._split[1]}
+
     def _cached(self, name: str, n: int, seed_offset: int, ring: bool = False) -> CachedStampSet:
-        return CachedStampSet(self.eval_renderer, n, self.hparams.seed * 1000 + seed_offset,
+        renderer = self.eval_renderer if name == "test" else self.fit_renderer
+        return CachedStampSet(renderer, n, self.hparams.seed * 1000 + seed_offset,
                               cache_dir=self.cache_dir, ring=ring, name=name,
                               workers=self.hparams.num_workers,
                               max_failure_fraction=self.hparams.max_failure_fraction)
@@ -137,8 +162,9 @@ class ShearDataModule(L.LightningDataModule):
         if stage in (None, "test") and self.test_set is None:
             self.test_set = self._cached("test", hp.test_size, 2, ring=hp.test_ring)
 
-    def refit_set(self, n: int | None = None) -> CachedStampSet:
-        """Un-augmented (rotation + mirror), population-weighted stamps for the head refit.
+    def refit_set(self, n: int | None = None, ring: bool = False) -> CachedStampSet:
+        """Un-augmented (rotation + mirror), population-weighted stamps for the head refit
+        (``ring``: in 90-degree ring pairs, so the calibration fitted on them cancels shape noise).
 
         ``n`` defaults to ``refit_size``; with ``refit_size="auto"`` (the size follows the network, see
         ``wlshear.models.refit.refit_sample_size``) pass ``n`` explicitly.
@@ -147,7 +173,7 @@ class ShearDataModule(L.LightningDataModule):
         if isinstance(n, str):
             raise ValueError(f"refit_size={n!r}: pass the number of stamps, e.g. "
                              "refit_set(refit_sample_size(net, 'auto'))")
-        return self._cached("refit", int(n), 3)
+        return self._cached("refit", int(n), 3, ring=ring)
 
     # -- loaders ---------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BiasFit", "fit_bias", "fit_line", "calibrate", "average_pairs", "valid_rows", "bias_summary",
+__all__ = ["BiasFit", "fit_bias", "fit_line", "fit_slope", "calibrate", "average_pairs", "valid_rows", "bias_summary",
            "pair_bootstrap_sigma"]
 
 
@@ -110,6 +110,21 @@ def fit_line(x, y):
     return b, b_err, a, a_err
 
 
+def fit_slope(x, y):
+    """OLS fit y = b x through the origin (no intercept) with the standard error of b.
+
+    Returns (b, b_err); NaNs when fewer than 2 points or x is all zero.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    sxx = float(np.sum(x**2))
+    if x.size < 2 or sxx <= 0:
+        return np.nan, np.nan
+    b = float(np.sum(x * y)) / sxx
+    s2 = np.sum((y - b * x) ** 2) / (x.size - 1)
+    return b, float(np.sqrt(s2 / sxx))
+
+
 def calibrate(g_est, m, c):
     """Calibrated estimate (g_est - c) / (1 + m); m, c scalars or per-component (2,) arrays."""
     g_est = np.asarray(g_est, dtype=np.float64)
@@ -156,22 +171,27 @@ def average_pairs(g_true, g_est, pair_ids, failed=None, atol: float = 1e-6):
     return gt_mean, ge_mean, bad
 
 
-def _fit_components(gt, ge):
+def _fit_components(gt, ge, through_origin: bool = False):
     m = np.full(2, np.nan)
     m_err = np.full(2, np.nan)
     c = np.full(2, np.nan)
     c_err = np.full(2, np.nan)
     sigma = np.full(2, np.nan)
     for k in range(2):
-        b, b_err, a, a_err = fit_line(gt[:, k], ge[:, k])
+        if through_origin:
+            (b, b_err), a, a_err = fit_slope(gt[:, k], ge[:, k]), 0.0, 0.0
+        else:
+            b, b_err, a, a_err = fit_line(gt[:, k], ge[:, k])
         m[k], m_err[k], c[k], c_err[k] = b - 1.0, b_err, a, a_err
         if np.isfinite(b) and b != 0:
             sigma[k] = np.sqrt(np.mean(((ge[:, k] - a) / b - gt[:, k]) ** 2))
     return m, m_err, c, c_err, sigma
 
 
-def fit_bias(g_true, g_est, failed=None, pair_ids=None, bootstrap: int = 0, rng=None) -> BiasFit:
-    """Fit g_est = (1 + m) g_true + c per component.
+def fit_bias(g_true, g_est, failed=None, pair_ids=None, bootstrap: int = 0, rng=None,
+             through_origin: bool = False) -> BiasFit:
+    """Fit g_est = (1 + m) g_true + c per component (``through_origin``: c fixed at 0, for an
+    estimator whose additive term vanishes by symmetry).
 
     Parameters
     ----------
@@ -202,7 +222,7 @@ def fit_bias(g_true, g_est, failed=None, pair_ids=None, bootstrap: int = 0, rng=
         ok = valid_rows(g_true, g_est, failed)
     gt, ge = g_true[ok], g_est[ok]
     n = int(ok.sum())
-    m, m_err, c, c_err, sigma = _fit_components(gt, ge)
+    m, m_err, c, c_err, sigma = _fit_components(gt, ge, through_origin)
     # sampling error of an RMS (Gaussian residuals) plus the propagated response error: the
     # calibrated residuals scale as 1 / (1 + m)
     sigma_err = sigma * np.sqrt(1.0 / (2.0 * max(n - 1, 1)) + (m_err / (1.0 + m)) ** 2)
@@ -211,7 +231,7 @@ def fit_bias(g_true, g_est, failed=None, pair_ids=None, bootstrap: int = 0, rng=
         samples = np.empty((bootstrap, 3, 2))
         for b in range(bootstrap):
             idx = gen.integers(0, n, n)
-            bm, _, bc, _, bs = _fit_components(gt[idx], ge[idx])
+            bm, _, bc, _, bs = _fit_components(gt[idx], ge[idx], through_origin)
             samples[b] = (bm, bc, bs)
         std = np.nanstd(samples, axis=0, ddof=1)
         m_err, c_err, sigma_err = std[0], std[1], std[2]

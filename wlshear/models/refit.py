@@ -10,6 +10,15 @@ shear is ``1 + m`` with ``m = -L / Var(g)``. Dividing the refit weights and bias
 
 Why: ``g = g_hat + r`` with the residual ``r`` orthogonal to ``g_hat`` and to the constant, so
 ``Cov(g_hat, g) = Var(g_hat) = Var(g) - L`` and the slope of ``g_hat`` on ``g`` is ``1 - L / Var(g)``.
+
+Symmetric refit (``symmetric=True``, the default of ``train.py``): the estimator is used with the
+8-fold symmetry average ``g_sym(x) = (1/8) sum_T s_T (W f(T x) + b)`` (``wlshear.models.symmetry``),
+which is linear in the head. Component j reads the symmetrised features
+``F_j(x) = (1/8) sum_T s_Tj f(T x)``, and the bias drops out (``sum_T s_Tj = 0``): the refit solves
+``F_j w_j = g_j`` with no intercept, so the symmetric estimator's additive term is zero by
+construction and it stays exactly equivariant. The same attenuation argument holds without the
+intercept, with ``Var(g)`` the (zero-mean) prior's second moment. The bias, which only the
+non-averaged prediction sees, is set to the mean residual of ``W f(x)`` on the same stamps.
 """
 
 from __future__ import annotations
@@ -25,8 +34,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from wlshear.models.normalize import normalize_stamps
+from wlshear.models.symmetry import N_SYMMETRIES, shear_sign
+from wlshear.models.symmetry import apply as apply_symmetry
 
-__all__ = ["fit_head_lstsq", "compute_features", "refit_head", "head_features", "refit_sample_size"]
+__all__ = ["fit_head_lstsq", "fit_head_lstsq_symmetric", "compute_features", "refit_head", "head_features",
+           "refit_sample_size"]
 
 # ``refit.n: auto`` = this many stamps per least-squares parameter (d + 1 per shear component): the
 # residuals that set the attenuation correction then keep at least as many degrees of freedom as the fit.
@@ -69,13 +81,7 @@ def fit_head_lstsq(
     if n_bad == n:
         raise ValueError("all feature/shear rows are non-finite; cannot refit")
     F, G = F[good], G[good]
-    if var_g is None:
-        if shear_max <= 0:
-            raise ValueError(f"shear_max must be > 0, got {shear_max}")
-        var_g = float(shear_max) ** 2 / 3.0
-    var_g = float(var_g)
-    if var_g <= 0:
-        raise ValueError(f"var_g must be > 0, got {var_g}")
+    var_g = _var_g(shear_max, var_g)
 
     A = np.concatenate([F, np.ones((F.shape[0], 1))], axis=1)
     W, _, rank, _ = np.linalg.lstsq(A, G, rcond=rcond)  # (d + 1, 2)
@@ -102,6 +108,70 @@ def fit_head_lstsq(
         "weight_uncorrected": W[:d].T.copy(),
         "bias_uncorrected": W[d].copy(),
     }
+    return weight, bias, diagnostics
+
+
+def _var_g(shear_max: float, var_g: float | None) -> float:
+    if var_g is None:
+        if shear_max <= 0:
+            raise ValueError(f"shear_max must be > 0, got {shear_max}")
+        var_g = float(shear_max) ** 2 / 3.0
+    if float(var_g) <= 0:
+        raise ValueError(f"var_g must be > 0, got {var_g}")
+    return float(var_g)
+
+
+def fit_head_lstsq_symmetric(
+    sym_features: np.ndarray,
+    features: np.ndarray,
+    shears: np.ndarray,
+    shear_max: float = 0.2,
+    var_g: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """The head of the symmetry-averaged estimator: per component j solve ``F_j w_j = g_j`` by
+    least squares without intercept (module docstring), correct for attenuation, and set the
+    bias to the mean residual of the plain features.
+
+    Args:
+        sym_features: ``(N, 2, d)`` symmetrised features ``F_j`` per component.
+        features: ``(N, d)`` plain features ``f(x)`` (identity element), for the bias.
+        shears: ``(N, 2)`` true (g1, g2).
+
+    Returns ``weight (2, d)``, ``bias (2,)`` (float64 tensors, divided by ``1 + m``) and the
+    diagnostics of :func:`fit_head_lstsq` plus ``symmetric: True``.
+    """
+    Fs = np.asarray(sym_features, dtype=np.float64)
+    F = np.asarray(features, dtype=np.float64)
+    G = np.asarray(shears, dtype=np.float64)
+    if Fs.ndim != 3 or Fs.shape[1] != 2 or F.shape != (Fs.shape[0], Fs.shape[2]) or G.shape != (Fs.shape[0], 2):
+        raise ValueError(f"need sym_features (N, 2, d), features (N, d), shears (N, 2); got {Fs.shape}, {F.shape}, "
+                         f"{G.shape}")
+    n, _, d = Fs.shape
+    if n <= d:
+        raise ValueError(f"need more samples than parameters for the refit: N = {n}, d = {d}")
+    good = np.isfinite(Fs).all(axis=(1, 2)) & np.isfinite(F).all(axis=1) & np.isfinite(G).all(axis=1)
+    n_bad = int((~good).sum())
+    if n_bad == n:
+        raise ValueError("all feature/shear rows are non-finite; cannot refit")
+    Fs, F, G = Fs[good], F[good], G[good]
+    var_g = _var_g(shear_max, var_g)
+    W = np.zeros((2, d))
+    L = np.zeros(2)
+    ranks = []
+    for j in range(2):
+        W[j], _, rank, _ = np.linalg.lstsq(Fs[:, j], G[:, j], rcond=None)
+        L[j] = np.mean((G[:, j] - Fs[:, j] @ W[j]) ** 2)
+        ranks.append(int(rank))
+    m = -L / var_g
+    if np.any(1.0 + m <= 0):
+        raise ValueError(f"attenuation correction undefined: 1 + m = {1 + m} <= 0 (L = {L}, Var(g) = {var_g}); "
+                         "the features carry no shear information or shear_max/var_g is wrong")
+    b = np.mean(G - F @ W.T, axis=0)
+    weight = torch.from_numpy(np.ascontiguousarray(W / (1.0 + m)[:, None]))
+    bias = torch.from_numpy(np.ascontiguousarray(b / (1.0 + m)))
+    diagnostics = {"L": L, "m": m, "var_g": var_g, "var_g_empirical": G.var(axis=0), "rank": min(ranks),
+                   "n": int(Fs.shape[0]), "n_nonfinite_dropped": n_bad, "d": int(d), "symmetric": True,
+                   "weight_uncorrected": W.copy(), "bias_uncorrected": b}
     return weight, bias, diagnostics
 
 
@@ -154,8 +224,13 @@ def compute_features(
     normalize: bool = True,
     device: str | torch.device | None = None,
     progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
+    symmetric: bool = False,
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Penultimate features and true shears for every batch, in eval mode without gradients.
+
+    With ``symmetric=True`` returns ``(sym_features (N, 2, d), features (N, d), shears (N, 2))``:
+    the per-component symmetrised features ``(1/8) sum_T s_Tj f(T x)`` of the 8-fold average
+    (module docstring) besides the plain ones.
 
     Args:
         model: a network with ``features``/``head`` or a wrapper (``ShearRegressor``) with ``.net``.
@@ -174,7 +249,7 @@ def compute_features(
     was_training = net.training
     net.eval()
     dtype = next(net.parameters()).dtype
-    feats, targets = [], []
+    feats, targets, sym_feats = [], [], []
     try:
         total = len(batches) if hasattr(batches, "__len__") else None
         for batch in tqdm(batches, total=total, desc="refit features", disable=not progress):
@@ -186,12 +261,25 @@ def compute_features(
                 x = x.unsqueeze(1)
             if normalize:
                 x = normalize_stamps(x)
-            feats.append(net.features(x).double().cpu().numpy())
+            if symmetric:
+                f0 = net.features(x).double()
+                sym = torch.zeros((x.shape[0], 2, f0.shape[1]), dtype=torch.float64, device=f0.device)
+                for k in range(N_SYMMETRIES):
+                    fk = f0 if k == 0 else net.features(apply_symmetry(x, k).contiguous()).double()
+                    s1, s2 = shear_sign(k)
+                    sym[:, 0] += s1 * fk
+                    sym[:, 1] += s2 * fk
+                sym_feats.append((sym / N_SYMMETRIES).cpu().numpy())
+                feats.append(f0.cpu().numpy())
+            else:
+                feats.append(net.features(x).double().cpu().numpy())
             targets.append(torch.as_tensor(y).double().cpu().numpy().reshape(-1, 2))
     finally:
         net.train(was_training)
     if not feats:
         raise ValueError("no batches were given for the head refit")
+    if symmetric:
+        return np.concatenate(sym_feats), np.concatenate(feats), np.concatenate(targets)
     return np.concatenate(feats), np.concatenate(targets)
 
 
@@ -215,15 +303,24 @@ def refit_head(
     normalize: bool = True,
     device: str | torch.device | None = None,
     progress: bool = True,
+    symmetric: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Return a deep copy of ``model`` whose linear head is the attenuation-corrected LS refit.
+
+    ``symmetric``: refit the head of the 8-fold symmetry-averaged estimator
+    (:func:`fit_head_lstsq_symmetric`: no intercept, additive term zero by construction).
 
     The input model is not modified. ``model`` may be a bare network (``features`` + ``head``) or a
     wrapper with a ``.net`` attribute (e.g. ``ShearRegressor``); the copy has the same type.
     See :func:`compute_features` for ``batches`` and :func:`fit_head_lstsq` for the diagnostics.
     """
-    F, G = compute_features(model, batches, normalize=normalize, device=device, progress=progress)
-    weight, bias, diagnostics = fit_head_lstsq(F, G, shear_max=shear_max, var_g=var_g)
+    if symmetric:
+        Fs, F, G = compute_features(model, batches, normalize=normalize, device=device, progress=progress,
+                                    symmetric=True)
+        weight, bias, diagnostics = fit_head_lstsq_symmetric(Fs, F, G, shear_max=shear_max, var_g=var_g)
+    else:
+        F, G = compute_features(model, batches, normalize=normalize, device=device, progress=progress)
+        weight, bias, diagnostics = fit_head_lstsq(F, G, shear_max=shear_max, var_g=var_g)
     new_model = _detached_deepcopy(model)
     head = _split_net(new_model).head
     if head.weight.shape != weight.shape:

@@ -103,18 +103,45 @@ def matched_weights(
 
 
 def population_weights(source, kind: str = "natural", mag_bins=None, target_catalog=None,
-                       target_mag_col: str = "mag", target_radius_col: str = "hlr_px") -> np.ndarray:
-    """Normalised per-galaxy draw probabilities for a source and a population kind."""
+                       target_mag_col: str = "mag", target_radius_col: str = "hlr_px",
+                       galaxy_ids=None) -> np.ndarray:
+    """Normalised per-galaxy draw probabilities for a source and a population kind.
+
+    ``galaxy_ids``: draw only these galaxies (one side of a :func:`split_galaxies` split): the
+    population is built over them alone (e.g. equal numbers per magnitude bin among them) and
+    every other galaxy has weight 0. The result always has one entry per source galaxy."""
     n = len(source)
+    ids = np.arange(n) if galaxy_ids is None else np.unique(np.asarray(galaxy_ids, dtype=np.int64))
+    if len(ids) == 0 or ids[0] < 0 or ids[-1] >= n:
+        raise ValueError(f"galaxy_ids must be a non-empty subset of 0..{n - 1}")
+    cat = source.catalog
     if kind == "natural":
-        return np.full(n, 1.0 / n)
-    if kind == "homogenised":
+        w = np.full(len(ids), 1.0 / len(ids))
+    elif kind == "homogenised":
         if not mag_bins:
             raise ValueError("population 'homogenised' needs mag_bins, e.g. [[16, 19.5], [19.5, 21.5], [21.5, 23.5]]")
-        return homogenised_weights(source.catalog["mag_source"], mag_bins)
-    if kind == "matched":
+        w = homogenised_weights(np.asarray(cat["mag_source"])[ids], mag_bins)
+    elif kind == "matched":
         if target_catalog is None:
             raise ValueError("population 'matched' needs target_catalog (FITS/CSV with magnitude and radius)")
         tm, tr = read_target_catalog(target_catalog, target_mag_col, target_radius_col)
-        return matched_weights(source.catalog["mag"], source.catalog["hlr_px"], tm, tr)
-    raise ValueError(f"unknown population kind {kind!r}; choose natural, homogenised or matched")
+        w = matched_weights(np.asarray(cat["mag"])[ids], np.asarray(cat["hlr_px"])[ids], tm, tr)
+    else:
+        raise ValueError(f"unknown population kind {kind!r}; choose natural, homogenised or matched")
+    full = np.zeros(n)
+    full[ids] = w
+    return full
+
+
+def split_galaxies(n: int, test_fraction: float = 0.15, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Galaxy-disjoint split of a source's ``n`` galaxy ids: ``(train_ids, test_ids)``, sorted,
+    ``round(test_fraction * n)`` ids (at least 1 each side) on the test side, chosen by a fixed-seed
+    permutation (the same ids for the same ``n``, fraction and seed, in any process)."""
+    n = int(n)
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"split test_fraction must be in (0, 1), got {test_fraction}")
+    if n < 2:
+        raise ValueError(f"a galaxy-disjoint split needs at least 2 galaxies, the source has {n}")
+    n_test = min(max(int(round(test_fraction * n)), 1), n - 1)
+    perm = np.random.default_rng([int(seed), 85015]).permutation(n)
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])

@@ -160,6 +160,8 @@ class StampRenderer:
     psf_fwhm : arcsec; pixel_scale : arcsec / pixel; stamp_size : pixels
     gsparams : dict or GSParams for drawing
     backend : 'galsim' (reference) or another registered backend ('torch')
+    galaxy_ids : draw only these galaxies of the source (one side of a galaxy-disjoint split,
+        ``wlshear.sim.population.split_galaxies``); None = all
     """
 
     def __init__(
@@ -175,6 +177,7 @@ class StampRenderer:
         stamp_size: int = STAMP_SIZE,
         gsparams=None,
         backend: str = "galsim",
+        galaxy_ids=None,
     ):
         self.source = source
         self.noise = noise
@@ -184,7 +187,8 @@ class StampRenderer:
             augment = Augmentation(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(augment).items()})
         self.augment = augment
         self.population = population
-        self.weights = population_weights(source, population, mag_bins, target_catalog)
+        self.galaxy_ids = None if galaxy_ids is None else np.unique(np.asarray(galaxy_ids, dtype=np.int64))
+        self.weights = population_weights(source, population, mag_bins, target_catalog, galaxy_ids=self.galaxy_ids)
         self.psf_fwhm = float(psf_fwhm)
         self.pixel_scale = float(pixel_scale)
         self.stamp_size = int(stamp_size)

@@ -60,7 +60,7 @@ def surface_fit(cfg: DictConfig, data_overrides=()) -> int:
         log.warning("%s already carries a calibration surface; fitting a new one on its surface-free output",
                     cfg.estimator)
     dm = instantiate(cfg.data)
-    ss = CachedStampSet(dm.eval_renderer, int(s.n), int(s.seed), cache_dir=dm.cache_dir, ring=True, name="surface",
+    ss = CachedStampSet(dm.fit_renderer, int(s.n), int(s.seed), cache_dir=dm.cache_dir, ring=True, name="surface",
                         workers=int(s.workers), max_failure_fraction=dm.hparams.max_failure_fraction)
     b = ss.batch
     g, failed = est.predict_with_flags(b.stamps, symmetrize=bool(s.symmetrize), apply_surface=False, batch_size=256)

@@ -58,6 +58,8 @@ REFIT_RULES: dict[str, Rule] = {
     "enabled": Bool(),
     "n": Int(1, specials=("auto",), note="refit stamps; 'auto': 2 x (features + 1) of the network"),
     "batch_size": Int(1),
+    "symmetric": Bool(note="refit the head of the 8-fold symmetry average (no intercept: c = 0 exactly)"),
+    "ring": Bool(note="refit stamps in 90-degree ring pairs (the calibration fit cancels shape noise)"),
     "allow_untrained": Bool(note="write estimator_refit.pt even when no training step ran"),
 }
 

@@ -5,6 +5,7 @@ Run-directory outputs:
 - ``checkpoints/``: Lightning checkpoints (best, last) and ``refit.ckpt`` (the refit model);
 - ``estimator.pt`` (trained net, no refit) and ``estimator_refit.pt`` (refit + calibration):
   self-contained files for ``wlshear.load_estimator``;
+- ``split.json``: the galaxy ids of the training and test sides (``data.split``);
 - ``metrics.json``: validation MSE, refit diagnostics and m, c, sigma per component on the test set,
   beside the configured baselines on the same stamps (:mod:`wlshear.tasks.train_report`);
 - ``shear_scatter.png``: estimated vs true shear on the test set;
@@ -98,6 +99,11 @@ def _build(cfg: DictConfig, out_dir: Path) -> _Run:
     torch.set_float32_matmul_precision("medium")
     log.info("building data <%s>", cfg.data._target_)
     dm = instantiate(cfg.data)
+    split = dm.split_ids() if hasattr(dm, "split_ids") else None
+    if split is not None and launch_rank() == 0:
+        write_json({**dm.split_config, "n_train": len(split["train"]), "n_test": len(split["test"]),
+                    "train": split["train"].tolist(), "test": split["test"].tolist()}, out_dir / "split.json")
+        log.info("galaxy-disjoint split: %d training, %d test galaxies", len(split["train"]), len(split["test"]))
     log.info("building model <%s>", cfg.model._target_)
     metacal_op = instantiate(cfg.metacal) if cfg.get("metacal") else None
     if metacal_op is not None:
@@ -160,10 +166,14 @@ def _validate(cfg: DictConfig, run: _Run, metrics: dict, untrained: bool, out_di
     return meta
 
 
-def _calibrate(est: ShearEstimator, refit, symmetrize: bool, metrics: dict):
+def _calibrate(est: ShearEstimator, refit, symmetrize: bool, symmetric: bool, metrics: dict):
     """Fit and set the final linear calibration of the symmetrised refit estimator on the refit set
-    (never on the test set); returns the fit."""
-    cal = fit_bias(refit.batch.shear, est.predict(refit.stamps, symmetrize=symmetrize))
+    (never on the test set; ring pairs averaged when the set has them); returns the fit. A
+    symmetric refit with the symmetry average gets c = 0 (zero by construction, so fixing it keeps
+    the estimator exactly equivariant)."""
+    pair_ids = refit.meta.get("pair_id") if refit.ring else None
+    cal = fit_bias(refit.batch.shear, est.predict(refit.stamps, symmetrize=symmetrize), pair_ids=pair_ids,
+                   through_origin=bool(symmetric and symmetrize))
     try:
         est.set_calibration(**cal.calibration())
         est.metadata["calibrated"] = True
@@ -182,14 +192,16 @@ def _calibrate(est: ShearEstimator, refit, symmetrize: bool, metrics: dict):
 def _refit(cfg: DictConfig, run: _Run, meta: dict, metrics: dict, out_dir: Path) -> ShearEstimator:
     """Refit the head by least squares on the refit set, calibrate, write estimator_refit.pt and
     checkpoints/refit.ckpt; returns the refit estimator."""
-    refit = run.dm.refit_set(run.refit_n)
+    refit = run.dm.refit_set(run.refit_n, ring=bool(cfg.refit.get("ring", False)))
     loader = torch.utils.data.DataLoader(refit, batch_size=cfg.refit.batch_size, shuffle=False)
     if run.metacal_op is not None:
         loader = run.metacal_op.noshear_batches(loader, seed=int(cfg.seed))
-    new_net, diag = refit_head(run.model.net, loader, shear_max=cfg.data.augment.shear_max, progress=True)
+    symmetric = bool(cfg.refit.get("symmetric", False))
+    new_net, diag = refit_head(run.model.net, loader, shear_max=cfg.data.augment.shear_max, progress=True,
+                               symmetric=symmetric)
     metrics["refit"] = {k: v for k, v in diag.items() if np.ndim(v) == 0 or k in ("L", "m")}
     est = ShearEstimator(new_net, metadata=meta, **run.estimator_kwargs)
-    cal = _calibrate(est, refit, cfg.evaluate.symmetrize, metrics)
+    cal = _calibrate(est, refit, cfg.evaluate.symmetrize, symmetric, metrics)
     est.metadata["calibration_fit"] = cal.as_dict()
     est.metadata["refit"] = metrics["refit"]
     est.save(out_dir / "estimator_refit.pt")
