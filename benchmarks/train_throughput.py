@@ -74,6 +74,7 @@ def stream_rate(backend: str, samples: int, epochs: int, overrides: list[str]) -
     from hydra.utils import instantiate
 
     from wlshear.utils.hydra import compose_config
+    from wlshear.utils.threads import cpu_training_threads
 
     cfg = compose_config("train", [*VARIANTS[backend], f"data.samples_per_epoch={samples}",
                                    "data.val_size=2", f"paths.root_dir={REPO}", *BASE,
@@ -82,9 +83,13 @@ def stream_rate(backend: str, samples: int, epochs: int, overrides: list[str]) -
     dm = instantiate(cfg.data)
     model = instantiate(cfg.model)
     timer = _timer()
-    _trainer(epochs, [timer]).fit(model, datamodule=dm)
+    trainer = _trainer(epochs, [timer])
+    on_cpu = trainer.strategy.root_device.type == "cpu"
+    with cpu_training_threads(int(cfg.data.num_workers), on_cpu) as threads:  # as train.py does
+        trainer.fit(model, datamodule=dm)
     rates = [samples / s for s in timer.seconds]
     return {"backend": backend, "samples_per_epoch": samples, "num_workers": int(cfg.data.num_workers),
+            "train_threads": int(threads),
             "batch_size": int(cfg.data.batch_size), "epoch_s": timer.seconds, "first_epoch": rates[0],
             "later_epochs": float(np.mean(rates[1:])) if len(rates) > 1 else float("nan")}
 
@@ -137,17 +142,19 @@ def main(argv=None) -> int:
         r = stream_rate(backend, args.samples, args.epochs, args.override)
         rows.append(r)
         print(f"{backend:7s} first epoch {r['first_epoch']:7.0f} stamps/s, later epochs {r['later_epochs']:7.0f} "
-              f"stamps/s ({r['num_workers']} workers, batch {r['batch_size']})", flush=True)
+              f"stamps/s ({r['num_workers']} workers, {r['train_threads']} training thread(s), batch "
+              f"{r['batch_size']})", flush=True)
     ceiling = cnn_ceiling(max(args.samples, 10000), args.override)
     print(f"CNN alone (stamps in memory): {ceiling:.0f} stamps/s", flush=True)
     by = {r["backend"]: r for r in rows}
     md = ["# Training throughput", "", "```", machine_header(), f"torch threads {__import__('torch').get_num_threads()}; load average "
           f"{os.getloadavg()[0]:.1f} at the end", "```", "",
           f"Command: `python benchmarks/train_throughput.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
-          "| backend | workers | batch | first epoch (stamps/s) | later epochs (stamps/s) | epoch wall times (s) |",
-          "|---|---|---|---|---|---|"]
+          "| backend | workers | training threads | batch | first epoch (stamps/s) | later epochs (stamps/s) | "
+          "epoch wall times (s) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['backend']} | {r['num_workers']} | {r['batch_size']} | {r['first_epoch']:.0f} | "
+        md.append(f"| {r['backend']} | {r['num_workers']} | {r['train_threads']} | {r['batch_size']} | "
+                  f"{r['first_epoch']:.0f} | "
                   f"{r['later_epochs']:.0f} | {', '.join(f'{s:.1f}' for s in r['epoch_s'])} |")
     md += ["", f"CNN alone on stamps in memory (same step, same batch): {ceiling:.0f} stamps/s"]
     if "galsim" in by and "torch" in by:

@@ -45,6 +45,7 @@ from wlshear.tasks.tracking import (
     resolve_ckpt_path,
     stamp_grids,
 )
+from wlshear.utils.threads import cpu_training_threads
 from wlshear.utils.hydra import instantiate_group, print_config_tree, save_resolved_config, write_json
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,12 @@ def _fit(cfg: DictConfig, run: _Run, metrics: dict) -> bool:
     model, trainer = run.model, run.trainer
     initial = [p.detach().clone() for p in model.parameters()]  # to tell whether training changed anything
     if cfg.get("train", True):
-        trainer.fit(model=model, datamodule=run.dm, ckpt_path=run.ckpt_path)
+        on_cpu = getattr(trainer.strategy.root_device, "type", "cpu") == "cpu"
+        with cpu_training_threads(int(getattr(run.dm.hparams, "num_workers", 0) or 0), on_cpu) as threads:
+            if on_cpu:
+                log.info("training on CPU with %d intra-op thread(s) beside %s DataLoader worker(s)", threads,
+                         getattr(run.dm.hparams, "num_workers", 0))
+            trainer.fit(model=model, datamodule=run.dm, ckpt_path=run.ckpt_path)
         metrics["resumed_from"] = run.ckpt_path
     # the refit, calibration and evaluation measure: full float32 products from here on (bf16 on
     # AMX CPUs adds ~2e-3 relative errors; wlshear.utils.precision); run() restores the caller's
