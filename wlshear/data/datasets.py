@@ -408,17 +408,20 @@ class CachedStampSet(Dataset):
     stale cache. ``workers`` renders in parallel processes (the result does not depend on it).
     More than ``max_failure_fraction`` of ``n`` stamps failing to render raises
     :class:`RenderFailureError` and caches nothing. ``centroid_shift_hlr``: every centroid moved by
-    that many half-light radii in a random direction (``StampRenderer.simulate_shifted``).
+    up to that many half-light radii, drawn from ``centroid_distribution``
+    (``StampRenderer.simulate_shifted``: ``uniform`` per axis as the paper, or ``direction``).
     """
 
     def __init__(self, renderer: StampRenderer, n: int, seed: int, cache_dir=None, ring: bool = False,
                  name: str = "set", progress: bool = True, workers: int = 0, max_failure_fraction: float = 0.01,
-                 centroid_shift_hlr: float | None = None):
+                 centroid_shift_hlr: float | None = None, centroid_distribution: str = "uniform"):
         self.n, self.seed, self.ring = int(n), int(seed), bool(ring)
         self.max_failure_fraction = float(max_failure_fraction)
         desc = {"renderer": renderer_description(renderer), "n": self.n, "seed": self.seed, "ring": self.ring}
         if centroid_shift_hlr is not None:
             desc.update(shift_hlr=float(centroid_shift_hlr), kind="centroid")
+            if centroid_distribution != "direction":  # (cache keys of the old default stay valid)
+                desc.update(shift_distribution=str(centroid_distribution))
         self.key = _config_hash(desc)
         self.path = None
         batch = None
@@ -437,7 +440,7 @@ class CachedStampSet(Dataset):
                                           chunk=128, workers=workers)
             else:
                 batch = renderer.simulate_shifted(self.n, self.seed, float(centroid_shift_hlr), ring=self.ring,
-                                                  progress=progress)
+                                                  progress=progress, distribution=centroid_distribution)
             save_cached(self.path, batch, desc, name, self.n, self.max_failure_fraction)
         self.batch = batch
         self.stamps = torch.from_numpy(np.ascontiguousarray(batch.stamps, dtype=np.float32))

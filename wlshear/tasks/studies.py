@@ -162,17 +162,19 @@ def shear_bins(ctx: EvalContext, scfg) -> dict:
 
 
 def centroid_shift(ctx: EvalContext, scfg) -> dict:
-    """sigma and m vs a centroid misalignment of s half-light radii in a random direction (the
-    same galaxies, shears, directions and noise at every s)."""
+    """sigma and m vs a centroid misalignment of up to s half-light radii (``distribution``:
+    ``uniform`` per axis over a total extent s hlr, the paper's; or ``direction``, length s hlr in a
+    random direction); the same galaxies, shears, shift draws and noise at every s."""
     rows = []
+    dist = str(scfg.get("distribution", "uniform"))
     for shift in [float(s) for s in scfg.get("shifts_hlr", [0, 0.2, 0.4, 0.6, 0.8])]:
         shifted = ctx.cached_set(ctx.renderer, int(scfg.get("n", 4000)), ctx.test_seed + 17, "centroid",
-                                 centroid_shift_hlr=shift).batch
+                                 centroid_shift_hlr=shift, centroid_distribution=dist).batch
         log.info("centroid shift %.2f hlr: %d stamps (%d failed to render)", shift, len(shifted), len(shifted.failures))
         res = ctx.run(shifted.stamps, ctx.cnns, ctx.study_baselines, desc=f"(shift {shift:g} hlr)")
         rows += summary_rows(shifted.shear.astype(np.float64), _estimates(res),
                              shifted.meta["pair_id"] if ctx.ring else None, ctx.cal_of,
-                             {"shift_hlr": shift, "n_render_failed": len(shifted.failures)})
+                             {"shift_hlr": shift, "distribution": dist, "n_render_failed": len(shifted.failures)})
     record = _record(ctx, "centroid_shift", rows)
     plot_study(rows, "shift_hlr", ctx.out_dir / "centroid_shift.png", "centroid shift [half-light radii]")
     return record
