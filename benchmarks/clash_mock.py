@@ -113,7 +113,12 @@ def main(argv=None) -> int:
     profiles["truth + shape noise 0.25"] = shear_profile(gal["x"], gal["y"], gal["g1"] + e[:, 0], gal["g2"] + e[:, 1],
                                                          center, bins, pixel_scale=PIXEL_SCALE)
     t = truth[np.asarray(base["ID"])]
-    profiles["baseline catalogue (true positions)"] = shear_profile(t["x"], t["y"], base["G1"], base["G2"], center, bins,
+    # the mock's baseline catalogue is in the sky frame, as published ones: back to the pixel frame
+    from wlshear.clash.io import load_field
+    from wlshear.clash.lensing import sky_to_pixel_shear
+
+    gb = sky_to_pixel_shear(np.c_[base["G1"], base["G2"]], load_field(mock_dir, name).wcs)
+    profiles["baseline catalogue (true positions)"] = shear_profile(t["x"], t["y"], gb[:, 0], gb[:, 1], center, bins,
                                                                     pixel_scale=PIXEL_SCALE)
 
     est_path = Path(args.estimator) if args.estimator else newest_estimator()

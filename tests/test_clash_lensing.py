@@ -1,6 +1,7 @@
 """NFW lens model: projection, the gamma_t = kappa_bar - kappa identity, conventions, profiles."""
 
 import numpy as np
+import pytest
 from astropy import units as u
 from scipy import integrate
 
@@ -86,3 +87,51 @@ def test_shear_profile_recovers_nfw():
     assert np.all(np.abs(pull_t) < 4) and np.all(np.abs(pull_x) < 4)
     assert np.all(prof["gt"] > 5 * prof["gt_err"])
     assert np.all(np.abs(prof["gt_err"] - 0.25 / np.sqrt(prof["n"])) < 0.1 * prof["gt_err"])
+
+
+def _wcs(cd):
+    from astropy.wcs import WCS
+
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [42.0, -3.5]
+    w.wcs.crpix = [100, 100]
+    w.wcs.cd = np.asarray(cd, dtype=float)
+    w.wcs.set()
+    return w
+
+
+@pytest.mark.parametrize("rot_deg,flip", [(0, True), (30, True), (-75, True), (0, False), (120, False)])
+def test_sky_frame_shears_follow_the_shape_on_the_sky(rot_deg, flip):
+    """A shear is a spin-2 shape: carry the shape tensor Q ~ [[1 + g1, g2], [g2, 1 - g1]] through
+    the WCS's pixel-to-sky matrix J (Q_sky = J Q J^T) and read (g1, g2) relative to (east, north);
+    pixel_to_sky_shear must agree, and sky_to_pixel_shear must invert it."""
+    from wlshear.clash.lensing import pixel_to_sky_shear, sky_to_pixel_shear, wcs_frame
+
+    s = 0.065 / 3600
+    t = np.radians(rot_deg)
+    rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    cd = rot @ np.diag([-s if flip else s, s])
+    w = _wcs(cd)
+    theta, parity = wcs_frame(w)
+    assert parity is flip
+    g = np.random.default_rng(1).uniform(-0.3, 0.3, (50, 2))
+    q = np.stack([np.stack([1 + g[:, 0], g[:, 1]], -1), np.stack([g[:, 1], 1 - g[:, 0]], -1)], -2)
+    j = w.pixel_scale_matrix / s
+    qs = j @ q @ j.T
+    expect = np.stack([(qs[:, 0, 0] - qs[:, 1, 1]) / 2, qs[:, 0, 1]], -1)
+    got = pixel_to_sky_shear(g, w)
+    np.testing.assert_allclose(got, expect, atol=1e-12)
+    np.testing.assert_allclose(sky_to_pixel_shear(got, w), g, atol=1e-12)
+    if rot_deg == 0 and flip:  # north up, east left: (g1, -g2)
+        np.testing.assert_allclose(got, g * [1, -1], atol=1e-12)
+
+
+def test_skewed_wcs_is_refused_clearly():
+    from wlshear.clash.lensing import pixel_to_sky_shear
+
+    s = 0.065 / 3600
+    with pytest.raises(ValueError, match="skewed or stretched"):
+        pixel_to_sky_shear(np.zeros((2, 2)), _wcs([[-s, 0.2 * s], [0, s]]))
+    with pytest.raises(ValueError, match="skewed or stretched"):
+        pixel_to_sky_shear(np.zeros((2, 2)), _wcs([[-s, 0], [0, 1.1 * s]]))

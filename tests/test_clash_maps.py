@@ -189,3 +189,23 @@ def test_relative_calibration_two_components():
     assert abs(fits_[0]["m"] - 0.05) < 4 * fits_[0]["m_err"]
     assert abs(fits_[1]["m"] + 0.05) < 4 * fits_[1]["m_err"]
     assert abs(fits_[1]["c"] - 0.005) < 4 * fits_[1]["c_err"]
+
+
+def test_pooled_sigma_source_weights_clusters_by_held_out_galaxies(tmp_path):
+    from wlshear.clash.errors import pooled_sigma_source
+    from wlshear.metrics.plots import plot_sigma_vs_scale
+
+    rows = [{"sigma_source": [0.20, 0.30], "n_test": 100}, {"sigma_source": [0.30, float("nan")], "n_test": 300},
+            None, {"sigma_source": [0.5, 0.5], "n_test": 0}]
+    p = pooled_sigma_source(rows)
+    # component 1: sqrt((100 * 0.04 + 300 * 0.09) / 400); component 2: the one finite cluster
+    assert p["sigma_source"][0] == pytest.approx(np.sqrt((4 + 27) / 400))
+    assert p["sigma_source"][1] == pytest.approx(0.30) and np.isnan(p["sigma_source_err"][1])
+    w = np.array([0.25, 0.75])
+    assert p["sigma_source_err"][0] == pytest.approx(np.sqrt(np.sum(w**2 * (np.array([0.2, 0.3]) - p["sigma_source"][0]) ** 2)))
+    assert p["n_clusters"] == [2, 1] and p["n_test"] == 400
+    assert pooled_sigma_source([None, {}]) is None
+    by_scale = {13.0: {"cnn": {"sigma_source": [0.3, 0.32]}, "baseline": {"sigma_source": [0.35, 0.36]}},
+                19.5: {"cnn": {"sigma_source": [0.25, 0.26]}}}
+    out = plot_sigma_vs_scale(by_scale, tmp_path / "s.png")
+    assert out.is_file() and out.stat().st_size > 1000

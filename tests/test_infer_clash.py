@@ -31,8 +31,9 @@ PROFILE_BINS = [5.0, 11.0, 17.0, 23.0, 29.0]
 @pytest.fixture(scope="module")
 def mock_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("mock_field")
+    # a rotated WCS (telescope roll 30 deg) and a sky-frame baseline catalogue, as published ones are
     cfg = MockConfig(cluster=NAME, size=640, n_galaxies=200, n_stars=8, min_sep_px=28, m200=5e14,
-                     n_calib=800, seed=11, progress=False)
+                     n_calib=800, seed=11, progress=False, wcs_rotation_deg=30.0)
     summary = make_mock_field(cfg, out)
     return out, summary
 
@@ -117,6 +118,14 @@ def test_end_to_end_outputs(run_result):
     assert s["baseline"]["n_matched"] > 0.5 * s["n_detected"]
     ho = s["sigma_source"]
     assert ho["cnn"]["n_test"] > 20 and len(ho["baseline"]["sigma_source"]) == 2
+    # hold-out at every map scale (with the sigma-vs-lambda plot for several), the first scale's is the top level
+    assert set(ho["by_scale"]) == {"19.5"} and ho["by_scale"]["19.5"]["cnn"] == ho["cnn"]
+    # the CNN recalibrated by this cluster's relative calibration, hold-out repeated (paper section 6.3)
+    if "recalibrated" in ho:
+        assert ho["recalibrated"]["n_test"] == ho["cnn"]["n_test"]
+    pooled = summary["sigma_source_pooled"]
+    np.testing.assert_allclose(pooled["cnn"]["sigma_source"], ho["cnn"]["sigma_source"], rtol=1e-12, equal_nan=True)
+    assert pooled["cnn"]["n_clusters"] == [1, 1] or np.isnan(ho["cnn"]["sigma_source"]).any()
     # baseline per-galaxy error: shape noise of a few tenths
     assert 0.1 < ho["baseline"]["sigma_source_mean"] < 0.8
     assert "m1" in s["calibration"] and "m1" in summary["calibration_pooled"]
@@ -131,6 +140,36 @@ def test_end_to_end_outputs(run_result):
         assert h["G1"].header["CTYPE1"] == "RA---TAN"
         assert np.nanmedian(h["SIGMA_BASE_G1"].data) > 0
         assert np.isfinite(h["BASE_G1"].data).mean() > 0.9
+        # minimum-count cutoff (maps.min_count: 5): masked cells are NaN in every map
+        mask = h["MASK"].data.astype(bool)
+        assert h["G1"].header["MINCOUNT"] == 5.0 and h["G1"].header["NMASKED"] == int(mask.sum())
+        np.testing.assert_array_equal(mask, h["DENSITY"].data < 5.0)
+        assert np.isnan(h["G1"].data[mask]).all() and np.isfinite(h["G1"].data[~mask]).all()
+
+
+def test_calibration_points_are_uniform_over_the_field_not_over_the_galaxies():
+    """calibration.positions: uniform (default) spreads the comparison points over the field
+    where galaxies contribute, instead of following the galaxies (a dense core would dominate);
+    maps.min_count drops points with too few kernel-weighted galaxies."""
+    from omegaconf import OmegaConf
+
+    from wlshear.clash.pipeline import _calibration_positions
+
+    rng = np.random.default_rng(0)
+    # 90% of the galaxies in a 100 x 100 px core of a 1000 x 1000 px field
+    x = np.r_[rng.uniform(0, 100, 9000), rng.uniform(0, 1000, 1000)]
+    y = np.r_[rng.uniform(0, 100, 9000), rng.uniform(0, 1000, 1000)]
+    cal = OmegaConf.create({"sample_fraction": 0.1, "positions": "uniform"})
+    xq, yq = _calibration_positions(x, y, (1000, 1000), 2.6, cal, 2.0, rng, 0.065)  # kernel sigma 40 px
+    core = (xq < 100) & (yq < 100)
+    assert 800 < len(xq) <= 1000 and core.mean() < 0.05  # ~1% of the area, not 90% of the points
+    assert xq.min() > -0.5 and xq.max() < 999.5 and yq.min() > -0.5 and yq.max() < 999.5
+    xg, yg = _calibration_positions(x, y, (1000, 1000), 2.6, OmegaConf.create({"sample_fraction": 0.1,
+                                                                              "positions": "galaxies"}), 0, rng, 0.065)
+    assert len(xg) == 1000 and ((xg < 100) & (yg < 100)).mean() > 0.8
+    # a high minimum count keeps only points near the core
+    xh, yh = _calibration_positions(x, y, (1000, 1000), 2.6, cal, 200.0, rng, 0.065)
+    assert 0 < len(xh) < 100 and np.all(np.hypot(xh - 50, yh - 50) < 250)
 
 
 def test_detections_match_truth(run_result, mock_dir):
@@ -138,8 +177,11 @@ def test_detections_match_truth(run_result, mock_dir):
     src, _ = mock_dir
     cat = Table.read(out / NAME / f"{NAME}_shear_catalogue.fits")
     truth = Table.read(src / f"{NAME}_truth.fits")
-    for col in ("ra", "dec", "x", "y", "g1", "g2", "flags", "mag", "radius", "g1_base", "g2_base"):
+    for col in ("ra", "dec", "x", "y", "g1", "g2", "flags", "mag", "radius", "g1_base", "g2_base", "g1_sky", "g2_sky",
+                "g1_base_sky", "g2_base_sky"):
         assert col in cat.colnames, col
+    # CD = R(30 deg) diag(-s, s) = R(210 deg) diag(s, -s): theta = -150 deg with the parity flip
+    assert cat.meta["WCSROT"] == pytest.approx(-150.0) and cat.meta["WCSFLIP"]
     sel = cat[cat["flags"] == 0]
     assert np.isfinite(sel["g1"]).all() and np.isfinite(sel["g1_base"]).all()
     assert np.isnan(np.ma.filled(cat["g1"], np.nan)[cat["flags"] != 0]).all()
@@ -147,6 +189,22 @@ def test_detections_match_truth(run_result, mock_dir):
     d, i = tree.query(np.c_[sel["x"], sel["y"]])
     assert np.mean(d < 2.0) > 0.9 and np.median(d) < 0.5
     assert not truth["is_star"][i[d < 2.0]].any()  # selected objects are galaxies
+    # the sky-frame baseline catalogue, converted with the rotated WCS, measures the true pixel-frame
+    # shear in both components (a frame error would flip or mix g2); sky columns invert to pixel ones
+    near = d < 2.0
+    col = lambda t, k: np.asarray(np.ma.filled(t[k], np.nan), dtype=np.float64)  # noqa: E731
+    gb = np.c_[col(sel, "g1_base"), col(sel, "g2_base")][near]
+    gt = np.c_[col(truth, "g1")[i], col(truth, "g2")[i]][near]
+    for k in range(2):
+        slope = np.sum(gb[:, k] * gt[:, k]) / np.sum(gt[:, k] ** 2)
+        err = np.std(gb[:, k] - slope * gt[:, k]) / np.sqrt(np.sum(gt[:, k] ** 2))
+        assert slope > 3 * err and abs(slope - 1) < 0.5 + 3 * err, (k, slope, err)
+    from wlshear.clash.lensing import sky_to_pixel_shear
+    from wlshear.clash.io import load_field
+
+    wcs = load_field(src, NAME).wcs
+    np.testing.assert_allclose(sky_to_pixel_shear(np.c_[col(sel, "g1_sky"), col(sel, "g2_sky")], wcs),
+                               np.c_[col(sel, "g1"), col(sel, "g2")], atol=1e-9)
     # detections with sky positions consistent with the truth RA/Dec (same WCS)
     dra = (sel["ra"] - truth["ra"][i]) * np.cos(np.deg2rad(truth["dec"][i])) * 3600
     assert np.median(np.abs(dra[d < 2.0])) < 0.065
@@ -217,7 +275,12 @@ def test_acceptance_profile_truth_and_baseline(mock_dir, run_result):
     # the mock's baseline catalogue (moments at the true positions, calibrated)
     base = Table.read(src / f"{NAME}_wl_catalogue.fits")
     t = truth[np.asarray(base["ID"])]
-    prof = shear_profile(t["x"], t["y"], base["G1"], base["G2"], msum["center"], PROFILE_BINS, pixel_scale=0.065)
+    # its G1/G2 are in the sky frame (rotated WCS here): back to the pixel frame of the profile
+    from wlshear.clash.io import load_field
+    from wlshear.clash.lensing import sky_to_pixel_shear
+
+    gb = sky_to_pixel_shear(np.c_[base["G1"], base["G2"]], load_field(src, NAME).wcs)
+    prof = shear_profile(t["x"], t["y"], gb[:, 0], gb[:, 1], msum["center"], PROFILE_BINS, pixel_scale=0.065)
     # the moments baseline is mildly diluted on the field (neighbours, magnified sizes: ~0.75 here)
     _profile_checks(prof, nfw, 0.55, 1.3, 3.5)
     # the pipeline's profile CSV (detected, cut, matched galaxies) carries the same signal + the model

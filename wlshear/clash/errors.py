@@ -212,3 +212,29 @@ def relative_calibration(ref, est, var_ref, var_est, cov=None, n_boot: int = 0, 
         fit_line_xy_errors(ref[:, k], est[:, k], np.sqrt(var_ref[:, k]), np.sqrt(var_est[:, k]), cov[:, k], n_boot, rng)
         for k in range(ref.shape[1])
     ]
+
+
+def pooled_sigma_source(holdouts: list[dict]) -> dict | None:
+    """The per-galaxy error pooled over clusters from their hold-out summaries
+    (``{"sigma_source": [s1, s2], "n_test": n}`` each): per component
+    ``sigma^2 = sum_k n_k sigma_k^2 / sum_k n_k`` (every held-out galaxy counts once), and its error
+    from the scatter of the clusters' ``sigma_k`` about it (``sqrt(sum w_k^2 (sigma_k - sigma)^2)``
+    with ``w_k = n_k / sum n``; NaN for one cluster). Clusters with a NaN component (negative
+    sigma_source^2) are left out of that component and counted. None when no cluster has one."""
+    rows = [h for h in holdouts if h and "sigma_source" in h and int(h.get("n_test", 0)) > 0]
+    if not rows:
+        return None
+    s = np.array([np.asarray(h["sigma_source"], dtype=np.float64) for h in rows])  # (K, 2)
+    n = np.array([float(h["n_test"]) for h in rows])
+    sigma, err, used = [], [], []
+    for j in range(s.shape[1]):
+        ok = np.isfinite(s[:, j])
+        if not ok.any():
+            sigma.append(float("nan")), err.append(float("nan")), used.append(0)
+            continue
+        w = n[ok] / n[ok].sum()
+        sj = float(np.sqrt(np.sum(w * s[ok, j] ** 2)))
+        sigma.append(sj)
+        err.append(float(np.sqrt(np.sum(w**2 * (s[ok, j] - sj) ** 2))) if ok.sum() > 1 else float("nan"))
+        used.append(int(ok.sum()))
+    return {"sigma_source": sigma, "sigma_source_err": err, "n_clusters": used, "n_test": int(n.sum())}

@@ -221,3 +221,62 @@ def shear_profile(x, y, g1, g2, center, bins, weights=None, pixel_scale: float |
                 var = np.sum(ww * (v - mean) ** 2) / sw * n_eff / (n_eff - 1)
                 rows[name + "_err"][b] = np.sqrt(var / n_eff)
     return Table({"r_lo": bins[:-1], "r_hi": bins[1:], **rows, "n": n})
+
+
+# ----------------------------------------------------------------------------- frames
+
+#: largest relative departure of the WCS pixel-to-sky matrix from a scaled rotation (with or without
+#: a reflection) that the frame conversion accepts: beyond it the pixel grid is skewed or stretched
+#: on the sky and a shear cannot be carried over by a rotation alone
+MAX_WCS_SKEW = 1e-3
+
+
+def wcs_frame(wcs) -> tuple[float, bool]:
+    """Orientation of the pixel frame on the sky: ``(theta [rad], parity_flip)``.
+
+    Sky frame (``docs/CONVENTIONS.md``): axes (east, north) of the tangent plane,
+    (xi, eta) = (dRA cos(Dec), dDec). The WCS pixel-to-sky matrix (CD, ``wcs.pixel_scale_matrix``)
+    maps a pixel step (dx, dy) to (dxi, deta); normalised, it is a rotation by ``theta``
+    (``parity_flip`` False) or a rotation by ``theta`` after the reflection y -> -y (``parity_flip``
+    True: the usual north-up / east-left image, CD1_1 < 0, CD2_2 > 0, has theta = pi).
+    Raises ``ValueError`` for a skewed or non-square pixel grid (beyond :data:`MAX_WCS_SKEW`).
+    """
+    m = np.asarray(wcs.pixel_scale_matrix if hasattr(wcs, "pixel_scale_matrix") else wcs, dtype=np.float64)
+    if m.shape != (2, 2):
+        raise ValueError(f"need a 2-D celestial WCS (2 x 2 pixel-to-sky matrix), got shape {m.shape}")
+    det = float(np.linalg.det(m))
+    if not np.isfinite(det) or det == 0:
+        raise ValueError("the WCS pixel-to-sky matrix is singular: no sky frame")
+    flip = det < 0
+    j = m / np.sqrt(abs(det))
+    if flip:
+        j = j @ np.diag([1.0, -1.0])  # j = R(theta) P  ->  R(theta) = j P
+    if np.abs(j - np.array([[j[0, 0], -j[1, 0]], [j[1, 0], j[0, 0]]])).max() > MAX_WCS_SKEW or \
+            abs(np.hypot(j[0, 0], j[1, 0]) - 1) > MAX_WCS_SKEW:
+        raise ValueError("the WCS pixel grid is skewed or stretched on the sky (not a rotation, with or without a "
+                         "flip): shears cannot be converted between the pixel and sky frames")
+    return float(np.arctan2(j[1, 0], j[0, 0])), bool(flip)
+
+
+def pixel_to_sky_shear(g, wcs) -> np.ndarray:
+    """Shears (N, 2) in the image pixel frame (x = column, y = row, angles from +x towards +y) ->
+    the sky frame (angles from east towards north): ``g_sky = conj^p(g) exp(2 i theta)`` with
+    ``(theta, p)`` = :func:`wcs_frame`. For the usual north-up / east-left image this is
+    ``(g1, -g2)``."""
+    theta, flip = wcs_frame(wcs)
+    g = np.asarray(g, dtype=np.float64)
+    z = g[..., 0] + 1j * g[..., 1]
+    if flip:
+        z = np.conj(z)
+    z = z * np.exp(2j * theta)
+    return np.stack([z.real, z.imag], -1)
+
+
+def sky_to_pixel_shear(g, wcs) -> np.ndarray:
+    """The inverse of :func:`pixel_to_sky_shear`: sky-frame shears (N, 2) -> the pixel frame."""
+    theta, flip = wcs_frame(wcs)
+    g = np.asarray(g, dtype=np.float64)
+    z = (g[..., 0] + 1j * g[..., 1]) * np.exp(-2j * theta)
+    if flip:
+        z = np.conj(z)
+    return np.stack([z.real, z.imag], -1)

@@ -180,6 +180,14 @@ def smooth_at(x, y, g, xq, yq, scale_arcsec: float = 19.5, pixel_scale: float = 
     return vals[:, 0] if squeeze else vals
 
 
+def kernel_count_at(x, y, xq, yq, scale_arcsec: float = 19.5, pixel_scale: float = PIXEL_SCALE) -> np.ndarray:
+    """Kernel-weighted galaxy count ``sum_i K(q - x_i)`` (unnormalised Gaussian kernel, as the maps'
+    ``DENSITY``) at query positions [px]: (M,)."""
+    x, y = _check_xy(x, y)
+    xq, yq = _check_xy(xq, yq)
+    return _point_sums(x, y, np.ones((x.size, 1)), xq, yq, scale_arcsec / pixel_scale)[:, 0]
+
+
 def bootstrap_indices(n: int, n_boot: int = 100, rng=None) -> np.ndarray:
     """(n_boot, n) resampling-with-replacement index sets. Pass the same sets to
     :func:`bootstrap_maps` for two estimators to get their bootstrap covariance."""

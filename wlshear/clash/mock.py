@@ -5,7 +5,8 @@ A mock field is written in the public CLASH layout so that the real-data pipelin
 
 - ``hlsp_clash_hst_acs-65mas_{cluster}_{filter}_v1_drz.fits`` and ``..._wht.fits`` for the 7 ACS
   filters, float32, with a TAN WCS (0.065"/px, north up, east left: CD1_1 < 0, CD2_2 > 0);
-- ``{cluster}_wl_catalogue.fits``: a baseline weak-lensing catalogue (RA, DEC, G1, G2, MAG, ID)
+- ``{cluster}_wl_catalogue.fits``: a baseline weak-lensing catalogue (RA, DEC, G1, G2 in the sky
+  frame (east, north) as published catalogues give them, MAG, ID)
   from the moments estimator (:mod:`wlshear.baselines.moments`) on 32x32 stamps cut at the true
   positions, calibrated by dividing by its response ``1 + m`` (measured on a simulated ring-pair
   set of the same population and noise, or a configured constant);
@@ -68,7 +69,7 @@ from wlshear.sim.render import StampRenderer
 from wlshear.sim.sources import ParametricSource
 
 from .io import DEFAULT_FILTERS, SCI_PATTERN, WHT_PATTERN
-from .lensing import nfw_magnification, nfw_reduced_shear
+from .lensing import nfw_magnification, nfw_reduced_shear, pixel_to_sky_shear
 from .stamps import extract_stamps, stamp_origin
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,8 @@ class MockConfig:
     """Parameters of a mock field (``conf/mock_field.yaml``: ``mock.*`` and the ``data`` group).
 
     Geometry: ``size`` (pixels, square field) at ``pixel_scale`` arcsec/px, WCS reference
-    (``ra0``, ``dec0``) in degrees at the image centre. Galaxies: ``n_galaxies`` (None = 800 per
+    (``ra0``, ``dec0``) in degrees at the image centre, the north-up / east-left layout turned by
+    ``wcs_rotation_deg`` on the sky (the baseline catalogue's G1/G2 are in the sky frame). Galaxies: ``n_galaxies`` (None = 800 per
     1200x1200 px, i.e. ~470 per arcmin^2) uniform positions at least ``min_sep_px`` apart, drawn from
     ``source`` (a :class:`~wlshear.sim.sources.GalaxySource`; None = the embedded parametric
     population), convolved with the Gaussian PSF of FWHM ``psf_fwhm`` [arcsec].
@@ -97,6 +99,7 @@ class MockConfig:
     pixel_scale: float = PIXEL_SCALE
     ra0: float = 42.014
     dec0: float = -3.529
+    wcs_rotation_deg: float = 0.0
     filters: tuple = DEFAULT_FILTERS
     n_galaxies: int | None = None
     min_sep_px: float = 20.0
@@ -135,14 +138,19 @@ class MockConfig:
 # ----------------------------------------------------------------------------- helpers
 
 
-def make_wcs(shape: tuple[int, int], ra0: float, dec0: float, pixel_scale: float = PIXEL_SCALE) -> WCS:
-    """TAN WCS, north up / east left, reference (ra0, dec0) [deg] at the image centre."""
+def make_wcs(shape: tuple[int, int], ra0: float, dec0: float, pixel_scale: float = PIXEL_SCALE,
+             rotation_deg: float = 0.0) -> WCS:
+    """TAN WCS, reference (ra0, dec0) [deg] at the image centre; ``rotation_deg`` = 0: north up /
+    east left (CD1_1 < 0, CD2_2 > 0); otherwise that layout turned by ``rotation_deg`` on the sky
+    (a telescope roll: CD = R(rotation) diag(-s, s))."""
     ny, nx = shape
     w = WCS(naxis=2)
     w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
     w.wcs.crval = [ra0, dec0]
     w.wcs.crpix = [(nx + 1) / 2.0, (ny + 1) / 2.0]  # FITS 1-indexed centre
-    w.wcs.cd = np.array([[-pixel_scale / 3600.0, 0.0], [0.0, pixel_scale / 3600.0]])
+    t = np.radians(float(rotation_deg))
+    rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    w.wcs.cd = rot @ np.array([[-pixel_scale / 3600.0, 0.0], [0.0, pixel_scale / 3600.0]])
     w.wcs.radesys = "ICRS"
     w.wcs.equinox = 2000.0
     w.pixel_shape = (nx, ny)
@@ -398,7 +406,8 @@ def _truth_table(renderer, lens: _Lens, gxy, sxy, params, lensing, star_mag, ren
     return truth
 
 
-def _baseline_catalogue(cfg: MockConfig, renderer, noise_model, total, bad_truth, truth: Table, cal_seed) -> tuple[Table, dict]:
+def _baseline_catalogue(cfg: MockConfig, renderer, noise_model, total, bad_truth, truth: Table, cal_seed,
+                        wcs) -> tuple[Table, dict]:
     """Moments shapes on 32 px stamps of the total image at the true galaxy positions, divided by the
     moments response (measured on simulations, or configured). Returns (catalogue, calibration)."""
     img_for_stamps = np.where(bad_truth, 0.0, total)
@@ -420,10 +429,12 @@ def _baseline_catalogue(cfg: MockConfig, renderer, noise_model, total, bad_truth
     gb = chi / response
     t_gal = truth[gal]
     keep = ~failed & np.isfinite(gb).all(axis=1) & ~np.asarray(t_gal["in_mask"])
+    g_sky = pixel_to_sky_shear(gb[keep], wcs)  # published catalogues give sky-frame shears
     base = Table({"ID": np.asarray(t_gal["id"])[keep], "RA": np.asarray(t_gal["ra"])[keep],
-                  "DEC": np.asarray(t_gal["dec"])[keep], "G1": gb[keep, 0], "G2": gb[keep, 1],
+                  "DEC": np.asarray(t_gal["dec"])[keep], "G1": g_sky[:, 0], "G2": g_sky[:, 1],
                   "MAG": np.asarray(t_gal["mag"])[keep]})
     base.meta["ESTIMAT"] = "moments"
+    base.meta["FRAME"] = "sky: G1, G2 relative to east, north"
     base.meta["RESPONSE"] = response
     return base, cal
 
@@ -466,13 +477,13 @@ def make_mock_field(cfg: MockConfig, out_dir: str | Path) -> dict:
     star_mag = _draw_stars(cfg, renderer, sxy, clean, np.random.default_rng(star_seq))
     total, ivar_total, depth, noise_model = _add_noise(cfg, clean, np.random.default_rng(noise_seq))
 
-    wcs = make_wcs(shape, cfg.ra0, cfg.dec0, cfg.pixel_scale)
+    wcs = make_wcs(shape, cfg.ra0, cfg.dec0, cfg.pixel_scale, cfg.wcs_rotation_deg)
     paths, bad_truth = _write_filters(cfg, total, ivar_total, wcs, out_dir)
     truth = _truth_table(renderer, lens, gxy, sxy, params, lensing, star_mag, rendered, bad_truth, depth, wcs)
     truth_path = out_dir / f"{cfg.cluster}_truth.fits"
     truth.write(truth_path, overwrite=True)
     base, cal = _baseline_catalogue(cfg, renderer, noise_model, total, bad_truth, truth,
-                                    int(cal_seq.generate_state(1)[0]))
+                                    int(cal_seq.generate_state(1)[0]), wcs)
     cat_path = out_dir / f"{cfg.cluster}_wl_catalogue.fits"
     base.write(cat_path, overwrite=True)
 

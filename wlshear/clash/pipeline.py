@@ -38,19 +38,20 @@ from wlshear.clash import cuts as cutsmod
 from wlshear.clash.detection import detect_sources, match_catalogue
 from wlshear.clash.errors import holdout_sigma_source, relative_calibration, subsample_positions
 from wlshear.clash.io import Field, load_field, read_catalogue
-from wlshear.clash.lensing import nfw_gt_model, shear_profile
+from wlshear.clash.lensing import nfw_gt_model, pixel_to_sky_shear, shear_profile, sky_to_pixel_shear, wcs_frame
 from wlshear.clash.maps import (
     bootstrap_at,
     bootstrap_covariance,
     bootstrap_indices,
     bootstrap_maps,
+    kernel_count_at,
     make_grid,
     shear_map,
     smooth_at,
     write_map_fits,
 )
 from wlshear.clash.stamps import extract_stamps
-from wlshear.metrics.plots import plot_profile, plot_star_galaxy, plot_whiskers
+from wlshear.metrics.plots import plot_profile, plot_sigma_vs_scale, plot_star_galaxy, plot_whiskers
 from wlshear.sim.constants import STAMP_SIZE
 from wlshear.utils.plain import to_plain
 
@@ -114,34 +115,48 @@ class Detections:
     info: dict                       # the baseline catalogue's summary
 
 
-def _baseline_from_catalogue(path, det, radius: float):
-    """Read the baseline catalogue and match it; returns (matched, idx, g_base (N,2) or None, info)."""
+def _baseline_from_catalogue(path, det, radius: float, frame: str = "sky", wcs=None):
+    """Read the baseline catalogue and match it; returns (matched, idx, g_base (N,2) or None, info).
+
+    ``frame``: the frame of the catalogue's G1/G2: ``sky`` (east, north; the convention of published
+    catalogues, converted to the pixel frame with the field's WCS, ``clash.lensing``) or ``pixel``
+    (x = column, y = row of these images, used as they are)."""
     n = len(det)
     if not path:
         return None, np.full(n, -1), None, {"catalogue": None}
+    if frame not in ("sky", "pixel"):
+        raise ValueError(f"catalogue_frame must be 'sky' or 'pixel', got {frame!r}")
     cat = read_catalogue(path)  # FileNotFoundError / ValueError (no RA/Dec) -> cluster fails
     idx, sep, matched = match_catalogue(det, cat, radius)
-    info = {"catalogue": str(path), "n_catalogue": len(cat), "n_matched": int(matched.sum()),
+    info = {"catalogue": str(path), "n_catalogue": len(cat), "n_matched": int(matched.sum()), "frame": frame,
             "median_sep_arcsec": float(np.median(sep[matched])) if matched.any() else None}
     g = None
     if "g1" in cat.colnames and "g2" in cat.colnames:
         g = np.full((n, 2), np.nan)
-        g[matched, 0] = np.asarray(cat["g1"], dtype=np.float64)[idx[matched]]
-        g[matched, 1] = np.asarray(cat["g2"], dtype=np.float64)[idx[matched]]
+        gc = np.stack([np.asarray(cat["g1"], dtype=np.float64), np.asarray(cat["g2"], dtype=np.float64)], 1)
+        if frame == "sky":
+            if wcs is None:
+                raise ValueError("a sky-frame baseline catalogue needs the field's WCS to be converted")
+            gc = sky_to_pixel_shear(gc, wcs)  # ValueError for a skewed WCS: the cluster fails with it
+            theta, flip = wcs_frame(wcs)
+            info["wcs_rotation_deg"], info["wcs_parity_flip"] = float(np.degrees(theta)), flip
+        g[matched] = gc[idx[matched]]
     else:
         info["baseline_note"] = f"catalogue has no G1/G2 columns ({cat.colnames}); no baseline comparison"
     return matched, idx, g, info
 
 
-def detect(name: str, fld: FieldStep, det_cfg, catalogue=None) -> Detections:
-    """Detect sources on the total image and match them to the baseline ``catalogue`` (a path)."""
+def detect(name: str, fld: FieldStep, det_cfg, catalogue=None, catalogue_frame: str = "sky") -> Detections:
+    """Detect sources on the total image and match them to the baseline ``catalogue`` (a path) whose
+    shears are in ``catalogue_frame`` (``sky`` or ``pixel``)."""
     f = fld.field
     det = detect_sources(f.image, f.ivar, f.bad, f.wcs, thresh=float(det_cfg.thresh), minarea=int(det_cfg.minarea),
                          deblend_nthresh=int(det_cfg.deblend_nthresh), deblend_cont=float(det_cfg.deblend_cont),
                          bkg_box=int(det_cfg.bkg_box), pixel_scale=f.pixel_scale)
     if len(det) == 0:
         raise ClusterError(f"no sources detected in {name}; check the images and detection.thresh")
-    matched, cat_idx, g_base, info = _baseline_from_catalogue(catalogue, det, float(det_cfg.match_radius_arcsec))
+    matched, cat_idx, g_base, info = _baseline_from_catalogue(catalogue, det, float(det_cfg.match_radius_arcsec),
+                                                              catalogue_frame, f.wcs)
     return Detections(det, matched, cat_idx, g_base, info)
 
 
@@ -224,8 +239,12 @@ def measure_shear(fld: FieldStep, dets: Detections, sel: Selection, estimator, c
 # ----------------------------------------------------------------------------- 5. the catalogue
 
 
-def write_catalogue(name: str, dets: Detections, shears: Shears, path: Path) -> Path:
-    """The shear catalogue of every detection (``flags == 0``: the galaxies used downstream)."""
+def write_catalogue(name: str, dets: Detections, shears: Shears, path: Path, wcs=None) -> Path:
+    """The shear catalogue of every detection (``flags == 0``: the galaxies used downstream).
+
+    ``g1, g2`` (and ``g1_base, g2_base``) are in the image pixel frame (x = column, y = row);
+    with the field's ``wcs``, ``g1_sky, g2_sky`` (``g1_base_sky, g2_base_sky``) are the same shears
+    in the sky frame (east, north; ``clash.lensing.pixel_to_sky_shear``)."""
     det = dets.det
     catalogue = Table({
         "id": np.asarray(det["id"]), "ra": np.asarray(det["ra"]), "dec": np.asarray(det["dec"]),
@@ -240,6 +259,21 @@ def write_catalogue(name: str, dets: Detections, shears: Shears, path: Path) -> 
     if dets.g_base is not None:
         catalogue["g1_base"] = dets.g_base[:, 0]
         catalogue["g2_base"] = dets.g_base[:, 1]
+    frame = None
+    if wcs is not None:
+        try:
+            frame = wcs_frame(wcs)
+        except ValueError as exc:  # a skewed WCS: pixel-frame shears only, and say why
+            log.warning("[%s] no sky-frame shear columns: %s", name, exc)
+            catalogue.meta["NOSKY"] = str(exc)[:60]
+    if frame is not None:
+        sky = pixel_to_sky_shear(shears.g, wcs)
+        catalogue["g1_sky"], catalogue["g2_sky"] = sky[:, 0], sky[:, 1]
+        if dets.g_base is not None:
+            sky_b = pixel_to_sky_shear(dets.g_base, wcs)
+            catalogue["g1_base_sky"], catalogue["g2_base_sky"] = sky_b[:, 0], sky_b[:, 1]
+        catalogue.meta.update({"FRAME": "g1,g2: pixel (x=col, y=row); g*_sky: east, north",
+                               "WCSROT": float(np.degrees(frame[0])), "WCSFLIP": bool(frame[1])})
     if shears.response is not None:
         for i in (0, 1):
             for j in (0, 1):
@@ -271,7 +305,11 @@ def _map_set(name, fld, xy, g, grid, s, maps_cfg, n_boot, idx_use, base, out: Pa
     (xu, yu), gu = xy, g
     maps, dens = shear_map(xu, yu, gu, grid, s, f.pixel_scale)
     sig = bootstrap_maps(xu, yu, gu, grid, s, index_sets=idx_use, pixel_scale=f.pixel_scale)
-    out_maps = {"G1": maps[0], "G2": maps[1], "SIGMA_G1": sig[0], "SIGMA_G2": sig[1], "DENSITY": dens}
+    # cells with fewer than maps.min_count kernel-weighted galaxies are masked (NaN in every map)
+    min_count = float(maps_cfg.get("min_count", 0) or 0)
+    masked = dens < min_count
+    out_maps = {"G1": maps[0], "G2": maps[1], "SIGMA_G1": sig[0], "SIGMA_G2": sig[1], "DENSITY": dens,
+                "MASK": masked.astype(np.uint8)}
     if base is not None:
         xc, yc, g_base, g_cnn, idx_common = base
         bmaps, _ = shear_map(xc, yc, g_base, grid, s, f.pixel_scale)
@@ -282,11 +320,15 @@ def _map_set(name, fld, xy, g, grid, s, maps_cfg, n_boot, idx_use, base, out: Pa
         cov = bootstrap_covariance(cs, bs)
         out_maps.update({"BASE_G1": bmaps[0], "BASE_G2": bmaps[1], "SIGMA_BASE_G1": bsig[0],
                          "SIGMA_BASE_G2": bsig[1], "COV_G1": cov[0], "COV_G2": cov[1]})
+    for key, arr in out_maps.items():
+        if key not in ("DENSITY", "MASK"):
+            out_maps[key] = np.where(masked, np.nan, arr)
     tag = f"{s:g}".replace(".", "p")
     n_gal = len(xu)
     mp = write_map_fits(out / f"{name}_maps_{tag}arcsec.fits", out_maps, grid, f.wcs,
-                        meta={"LAMBDA": s, "CLUSTER": name, "NBOOT": n_boot, "NGAL": n_gal})
-    wp = plot_whiskers(maps[0], maps[1], grid, out / f"{name}_whiskers_{tag}arcsec.png",
+                        meta={"LAMBDA": s, "CLUSTER": name, "NBOOT": n_boot, "NGAL": n_gal, "MINCOUNT": min_count,
+                              "NMASKED": int(masked.sum())})
+    wp = plot_whiskers(out_maps["G1"], out_maps["G2"], grid, out / f"{name}_whiskers_{tag}arcsec.png",
                        every=maps_cfg.get("whisker_every"), background=f.image,
                        title=f"{name}: CNN shear, lambda = {s:g}\" ({n_gal} galaxies)")
     return mp, wp
@@ -355,11 +397,29 @@ def calibration_summary(fits_: list[dict]) -> dict:
     return out
 
 
-def _calibration_points(x, y, g_cnn, g_base, s0, maps: Maps, cal_cfg, rng, pixel_scale) -> dict:
-    """Both estimators' maps at ``sample_fraction`` of the common galaxies' positions, with bootstrap
-    variances and covariance from the same resamples (errors.relative_calibration's input)."""
-    k = subsample_positions(x.size, float(cal_cfg.sample_fraction), rng)
-    xq, yq = x[k], y[k]
+def _calibration_positions(x, y, shape, s0, cal_cfg, min_count, rng, pixel_scale):
+    """Where the two maps are compared: ``sample_fraction`` x the common galaxies' number of points,
+    ``calibration.positions: uniform`` (default): uniform over the field (``shape`` = (ny, nx) px),
+    keeping those with at least ``min_count`` kernel-weighted galaxies (at least 1 when 0), so
+    dense regions are not over-represented; ``galaxies``: at randomly chosen galaxy positions."""
+    fraction = float(cal_cfg.get("sample_fraction", 0.1))
+    if str(cal_cfg.get("positions", "uniform")) == "galaxies":
+        k = subsample_positions(x.size, fraction, rng)
+        return x[k], y[k]
+    n_q = max(1, int(round(fraction * x.size)))
+    ny, nx = shape
+    xq, yq = rng.uniform(-0.5, nx - 0.5, n_q), rng.uniform(-0.5, ny - 0.5, n_q)
+    keep = kernel_count_at(x, y, xq, yq, s0, pixel_scale) >= max(float(min_count), 1.0)
+    return xq[keep], yq[keep]
+
+
+def _calibration_points(x, y, g_cnn, g_base, s0, maps: Maps, cal_cfg, rng, pixel_scale, shape=None,
+                        min_count: float = 0.0) -> dict:
+    """Both estimators' maps at the calibration positions (:func:`_calibration_positions`), with
+    bootstrap variances and covariance from the same resamples (errors.relative_calibration's input)."""
+    if shape is None:  # no field footprint known: galaxy positions
+        cal_cfg = {**dict(cal_cfg), "positions": "galaxies"}
+    xq, yq = _calibration_positions(x, y, shape, s0, cal_cfg, min_count, rng, pixel_scale)
     bb = bootstrap_at(x, y, g_base, xq, yq, s0, index_sets=maps.idx_common, pixel_scale=pixel_scale)
     bc = bootstrap_at(x, y, g_cnn, xq, yq, s0, index_sets=maps.idx_common, pixel_scale=pixel_scale)
     return {
@@ -369,24 +429,56 @@ def _calibration_points(x, y, g_cnn, g_base, s0, maps: Maps, cal_cfg, rng, pixel
     }
 
 
-def estimate_errors(fld: FieldStep, dets: Detections, shears: Shears, maps: Maps, cfg, rng) -> Errors:
-    """Hold-out per-galaxy errors at the first map scale (CNN; with a baseline also the baseline and
-    the CNN on the common galaxies, same split) and the calibration points of this cluster."""
+def _holdout_at(x, y, g_cnn, g_base, use, common, s, n_boot, hf, split_seed, ps) -> dict:
+    """Hold-out errors at one scale: the CNN on its galaxies and, with a baseline, the baseline and
+    the CNN on the common galaxies (the same split seed everywhere)."""
+    r = holdout_sigma_source(x[use], y[use], g_cnn[use], s, n_boot, hf, np.random.default_rng(split_seed), ps)
+    out = {"cnn": _holdout_summary(r)}
+    if g_base is not None:
+        ci = np.flatnonzero(common)
+        for key, gg in (("baseline", g_base[ci]), ("cnn_common", g_cnn[ci])):
+            r = holdout_sigma_source(x[ci], y[ci], gg, s, n_boot, hf, np.random.default_rng(split_seed), ps)
+            out[key] = _holdout_summary(r)
+    return out
+
+
+def recalibrated(g: np.ndarray, calibration: dict | None) -> np.ndarray | None:
+    """CNN shears corrected by a relative calibration ``g_cal = (g - c) / (1 + m)`` per component
+    (the fit of the CNN against the baseline, errors.relative_calibration); None without one."""
+    if not calibration or any(f"{k}{i}" not in calibration for k in "mc" for i in (1, 2)):
+        return None
+    m = np.array([calibration["m1"], calibration["m2"]], dtype=np.float64)
+    c = np.array([calibration["c1"], calibration["c2"]], dtype=np.float64)
+    if not (np.all(np.isfinite(m)) and np.all(1 + m > 0)):
+        return None
+    return (np.asarray(g, dtype=np.float64) - c) / (1 + m)
+
+
+def estimate_errors(fld: FieldStep, dets: Detections, shears: Shears, maps: Maps, cfg, rng, out: Path | None = None,
+                    name: str = "") -> Errors:
+    """Hold-out per-galaxy errors (CNN; with a baseline also the baseline and the CNN on the common
+    galaxies, same split) at the first map scale (``holdout``) and at every scale
+    (``holdout["by_scale"]``, with a sigma-vs-lambda plot when ``out`` is given); the calibration
+    points of this cluster and its relative calibration, which is then applied to the CNN shears
+    and the hold-out repeated on them (``holdout["recalibrated"]``: the paper's order, both kept)."""
     s0, n_boot, hf, ps = maps.scales[0], maps.n_boot, float(cfg.holdout_fraction), fld.field.pixel_scale
     x, y = np.asarray(dets.det["x"], dtype=np.float64), np.asarray(dets.det["y"], dtype=np.float64)
     use = shears.use
     split_seed = int(rng.integers(2**31))
-    holdout = {"scale_arcsec": s0, "holdout_fraction": hf}
-    r = holdout_sigma_source(x[use], y[use], shears.g[use], s0, n_boot, hf, np.random.default_rng(split_seed), ps)
-    holdout["cnn"] = _holdout_summary(r)
+    g_base = dets.g_base if maps.has_base else None
+    by_scale = {float(s): _holdout_at(x, y, shears.g, g_base, use, maps.common, float(s), n_boot, hf, split_seed, ps)
+                for s in maps.scales}
+    holdout = {"scale_arcsec": s0, "holdout_fraction": hf, **by_scale[float(s0)],
+               "by_scale": {str(k): v for k, v in by_scale.items()}}
+    if out is not None and len(by_scale) > 1:
+        holdout["plot"] = str(plot_sigma_vs_scale(by_scale, out / f"{name}_sigma_vs_scale.png",
+                                                  title=f"{name}: hold-out per-galaxy error"))
     if not maps.has_base:
         return Errors(holdout, None, None, None)
     ci = np.flatnonzero(maps.common)
-    for key, gg in (("baseline", dets.g_base[ci]), ("cnn_common", shears.g[ci])):
-        r = holdout_sigma_source(x[ci], y[ci], gg, s0, n_boot, hf, np.random.default_rng(split_seed), ps)
-        holdout[key] = _holdout_summary(r)
     cal = cfg.calibration
-    points = _calibration_points(x[ci], y[ci], shears.g[ci], dets.g_base[ci], s0, maps, cal, rng, ps)
+    points = _calibration_points(x[ci], y[ci], shears.g[ci], dets.g_base[ci], s0, maps, cal, rng, ps,
+                                 shape=fld.field.shape, min_count=float(cfg.maps.get("min_count", 0) or 0))
     n_points = len(points["ref"])
     calibration = None
     if n_points >= int(cal.min_points):
@@ -396,6 +488,9 @@ def estimate_errors(fld: FieldStep, dets: Detections, shears: Shears, maps: Maps
             calibration = calibration_summary(fits_)
         except ValueError as exc:
             calibration = {"error": str(exc)}
+    g_cal = recalibrated(shears.g, calibration)
+    if g_cal is not None:
+        holdout["recalibrated"] = _holdout_at(x, y, g_cal, None, use, maps.common, s0, n_boot, hf, split_seed, ps)["cnn"]
     return Errors(holdout, points, n_points, calibration)
 
 

@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from wlshear.clash import pipeline as steps
-from wlshear.clash.errors import relative_calibration
+from wlshear.clash.errors import pooled_sigma_source, relative_calibration
 from wlshear.models.estimator import load_estimator
 from wlshear.tasks.relations import RELATIONS
 from wlshear.tasks.rules import INFER_CLASH_RULES
@@ -82,7 +82,8 @@ def process_cluster(c: dict, cfg, estimator, out_root: Path, rng: np.random.Gene
 
     fld = steps.load_cluster_field(c, cfg.io)                                   # the field
     summary.update(fld.summary)
-    dets = steps.detect(name, fld, cfg.detection, c.get("catalogue"))          # detection + matching
+    dets = steps.detect(name, fld, cfg.detection, c.get("catalogue"),            # detection + matching
+                        str(c.get("catalogue_frame") or cfg.get("catalogue_frame", "sky")))
     summary.update(n_detected=len(dets.det), baseline=dets.info)
     sel = steps.select(name, fld, dets, cfg.cuts, out)                          # cuts
     summary["cuts"] = sel.summary
@@ -96,7 +97,8 @@ def process_cluster(c: dict, cfg, estimator, out_root: Path, rng: np.random.Gene
     f = fld.field
     summary["density_per_arcmin2"] = float(use.sum() / ((~f.bad).sum() * (f.pixel_scale / 60) ** 2))
     log.info("[%s] %d detections -> %d galaxies after cuts (%s)", name, len(dets.det), use.sum(), _cut_counts(sel.summary))
-    files = {"catalogue": str(steps.write_catalogue(name, dets, shears, out / f"{name}_shear_catalogue.fits"))}
+    files = {"catalogue": str(steps.write_catalogue(name, dets, shears, out / f"{name}_shear_catalogue.fits",
+                                                    wcs=f.wcs))}
     if use.sum() < steps.MIN_GALAXIES:
         raise steps.ClusterError(f"only {int(use.sum())} galaxies pass the cuts in {name} (need >= 10 for maps and "
                                  f"errors); cut counts: { {k: v for k, v in sel.summary.items() if k.startswith('n_')} }")
@@ -106,7 +108,7 @@ def process_cluster(c: dict, cfg, estimator, out_root: Path, rng: np.random.Gene
     if maps.note:
         summary["baseline"]["comparison_note"] = maps.note
     files["maps"], files["whiskers"] = maps.files, maps.whiskers
-    errors = steps.estimate_errors(fld, dets, shears, maps, cfg, rng)          # hold-out errors, calibration points
+    errors = steps.estimate_errors(fld, dets, shears, maps, cfg, rng, out=out, name=name)          # hold-out errors, calibration points
     summary["sigma_source"] = errors.holdout
     if errors.points is not None:
         summary["n_calibration_points"] = errors.n_points
@@ -223,6 +225,10 @@ def run(cfg: DictConfig) -> dict:
         if res["points"] is not None:
             pooled.append(res["points"])
 
+    ok_clusters = [r for r in run_summary["clusters"].values() if r.get("status") == "ok"]
+    run_summary["sigma_source_pooled"] = {
+        key: pooled_sigma_source([(r.get("sigma_source") or {}).get(key) for r in ok_clusters])
+        for key in ("cnn", "baseline", "cnn_common", "recalibrated")}
     if pooled:
         keys = ("ref", "est", "var_ref", "var_est", "cov")
         pts = {k: np.concatenate([p[k] for p in pooled]) for k in keys}

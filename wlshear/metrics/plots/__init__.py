@@ -9,7 +9,7 @@ the file suffix) and returns the path as a :class:`pathlib.Path`:
 - :mod:`.sweeps`: the summary of a sweep.
 """
 
-from wlshear.metrics.plots.clash import plot_profile, plot_star_galaxy, plot_whiskers
+from wlshear.metrics.plots.clash import plot_profile, plot_sigma_vs_scale, plot_star_galaxy, plot_whiskers
 from wlshear.metrics.plots.shear import plot_bin_bias, plot_conditional, plot_shear_bins, plot_shear_scatter, plot_study
 from wlshear.metrics.plots.stamps import plot_stamp_grid, read_png
 from wlshear.metrics.plots.sweeps import plot_summary
@@ -20,6 +20,7 @@ __all__ = [
     "plot_profile",
     "plot_shear_bins",
     "plot_shear_scatter",
+    "plot_sigma_vs_scale",
     "plot_stamp_grid",
     "plot_star_galaxy",
     "plot_study",

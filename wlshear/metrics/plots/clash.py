@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-__all__ = ["plot_star_galaxy", "plot_whiskers", "plot_profile"]
+__all__ = ["plot_star_galaxy", "plot_whiskers", "plot_profile", "plot_sigma_vs_scale"]
 
 
 def plot_star_galaxy(det, is_star, path, star_params: dict | None = None, title: str = "") -> Path:
@@ -112,6 +112,31 @@ def plot_profile(path, prof_cnn, prof_base=None, model=None, title: str = "") ->
     ax.set_xscale("log")
     ax.set_xlabel("radius [arcsec]")
     ax.set_ylabel("reduced shear")
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_sigma_vs_scale(by_scale: dict, path, title: str = "") -> Path:
+    """Hold-out per-galaxy error sigma_source (mean of the two components) against the map kernel
+    scale lambda [arcsec], one line per estimator: ``{scale: {estimator: {"sigma_source": [s1, s2]}}}``
+    (the paper's Fig 16)."""
+    fig = Figure(figsize=(6.0, 4.2))
+    ax = fig.subplots()
+    scales = sorted(float(s) for s in by_scale)
+    names = sorted({k for v in by_scale.values() for k in v})
+    for name in names:
+        ys = []
+        for s in scales:
+            row = by_scale.get(s, by_scale.get(str(s), {})).get(name)
+            v = np.asarray(row["sigma_source"], dtype=float) if row else np.full(2, np.nan)
+            ys.append(float(np.sqrt(np.nanmean(v**2))) if np.isfinite(v).any() else np.nan)
+        ax.plot(scales, ys, "o-", label=name)
+    ax.set_xlabel(r"map kernel scale $\lambda$ [arcsec]")
+    ax.set_ylabel(r"hold-out $\sigma_{source}$")
     ax.legend(fontsize=8)
     ax.set_title(title)
     fig.tight_layout()
