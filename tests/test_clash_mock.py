@@ -132,3 +132,16 @@ def test_helpers_and_cli_errors(tmp_path):
     with pytest.raises(ValueError, match="masked_filter"):
         make_mock_field(MockConfig(masked_filter="f999w", size=100, n_galaxies=1, progress=False), tmp_path)
     assert main([f"out={tmp_path}", "mock.center=[1,2,3]"]) == 2
+
+
+def test_source_density_follows_the_paper_by_default():
+    """conf/mock_field.yaml: 37 sources per arcmin^2 (the paper's CLASH density); the number of
+    galaxies follows the field area; an explicit n_galaxies wins; without either the old ~470."""
+    from wlshear.utils.hydra import compose_config
+
+    mock = dict(compose_config("mock_field", ["out=x"]).mock)
+    assert mock["density_per_arcmin2"] == 37.0 and mock["n_galaxies"] is None
+    cfg = MockConfig(size=2000, density_per_arcmin2=37.0, progress=False)
+    assert cfg.n_gal() == round(37.0 * (2000 * 0.065 / 60) ** 2) == 174
+    assert MockConfig(size=2000, density_per_arcmin2=37.0, n_galaxies=10).n_gal() == 10
+    assert MockConfig(size=1200).n_gal() == 800

@@ -160,3 +160,33 @@ def test_ring_summary_recovers_bias():
     assert s["sigma1"] == pytest.approx(0.25 / 1.05, rel=0.05)
     se = pair_bootstrap_sigma(g_true, g_est, groups=pid, n_boot=50, rng=2)
     assert 0 < se[0] < 0.01
+
+
+def test_noise_study_takes_the_models_of_a_noise_sweep(tmp_path):
+    """studies.noise.sweep_dir: every job of a train.py multirun gives its model at its
+    data.noise_scale (the paper trained one model per noise level); explicit checkpoints win."""
+    from wlshear.tasks.estimators import noise_level_checkpoints
+
+    sweep = tmp_path / "multiruns" / "t"
+    for job, level in enumerate((1.0, 0.5, 0.25)):
+        d = sweep / str(job)
+        ShearEstimator(PaperCNN()).save(d / "estimator_refit.pt")
+        (d / "config_resolved.yaml").write_text(f"data:\n  noise_scale: {level}\n")
+    (sweep / "3").mkdir()  # a job that wrote nothing (failed): ignored
+    found = noise_level_checkpoints({"sweep_dir": str(sweep)})
+    assert found == {1.0: sweep / "0" / "estimator_refit.pt", 0.5: sweep / "1" / "estimator_refit.pt",
+                     0.25: sweep / "2" / "estimator_refit.pt"}
+    other = ShearEstimator(PaperCNN()).save(tmp_path / "other" / "estimator_refit.pt")
+    mixed = noise_level_checkpoints({"sweep_dir": str(sweep), "checkpoints": {0.5: str(other)}})
+    assert mixed[0.5] == other and mixed[1.0] == found[1.0]
+    (sweep / "4").mkdir()
+    ShearEstimator(PaperCNN()).save(sweep / "4" / "estimator_refit.pt")
+    (sweep / "4" / "config_resolved.yaml").write_text("data:\n  noise_scale: 0.5\n")
+    with pytest.raises(ValueError, match="both trained at noise_scale 0.5"):
+        noise_level_checkpoints({"sweep_dir": str(sweep)})
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        noise_level_checkpoints({"sweep_dir": str(tmp_path / "nowhere")})
+    # composed from the config, as evaluate.py does
+    cfg = _cfg(tmp_path, [f"studies.noise.sweep_dir={tmp_path / 'nowhere'}"])
+    with pytest.raises(FileNotFoundError, match="sweep_dir"):
+        run(cfg)

@@ -66,7 +66,9 @@ def run_result(mock_dir, tmp_path_factory):
     """One run over the good mock cluster plus four broken ones."""
     src, _ = mock_dir
     tmp = tmp_path_factory.mktemp("infer")
-    est = ShearEstimator(PaperCNN()).save(tmp / "estimator_refit.pt")
+    # trained (as its metadata says) on a narrow prior, so that some estimates fall outside it
+    est = ShearEstimator(PaperCNN(), metadata={"config": {"data": {"augment": {"shear_max": 0.05}}}}).save(
+        tmp / "estimator_refit.pt")
     # corrupt FITS: garbage bytes in one science file
     d = _link_cluster(src, tmp / "corrupt", "corrupt")
     p = d / SCI_PATTERN.format(cluster="corrupt", filter="f775w")
@@ -180,6 +182,11 @@ def test_detections_match_truth(run_result, mock_dir):
     for col in ("ra", "dec", "x", "y", "g1", "g2", "flags", "mag", "radius", "g1_base", "g2_base", "g1_sky", "g2_sky",
                 "g1_base_sky", "g2_base_sky"):
         assert col in cat.colnames, col
+    # estimates outside the training prior are flagged (not cut)
+    g_all = np.c_[np.ma.filled(cat["g1"], np.nan), np.ma.filled(cat["g2"], np.nan)]
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(np.asarray(cat["out_of_range"]), (np.abs(g_all) > 0.05).any(axis=1))
+    assert cat.meta["SHEARMAX"] == 0.05
     # CD = R(30 deg) diag(-s, s) = R(210 deg) diag(s, -s): theta = -150 deg with the parity flip
     assert cat.meta["WCSROT"] == pytest.approx(-150.0) and cat.meta["WCSFLIP"]
     sel = cat[cat["flags"] == 0]

@@ -80,8 +80,9 @@ class MockConfig:
 
     Geometry: ``size`` (pixels, square field) at ``pixel_scale`` arcsec/px, WCS reference
     (``ra0``, ``dec0``) in degrees at the image centre, the north-up / east-left layout turned by
-    ``wcs_rotation_deg`` on the sky (the baseline catalogue's G1/G2 are in the sky frame). Galaxies: ``n_galaxies`` (None = 800 per
-    1200x1200 px, i.e. ~470 per arcmin^2) uniform positions at least ``min_sep_px`` apart, drawn from
+    ``wcs_rotation_deg`` on the sky (the baseline catalogue's G1/G2 are in the sky frame). Galaxies: ``n_galaxies`` (None:
+    ``density_per_arcmin2`` x the field area, or without it 800 per 1200x1200 px, i.e. ~470 per
+    arcmin^2; the paper assumes 37) uniform positions at least ``min_sep_px`` apart, drawn from
     ``source`` (a :class:`~wlshear.sim.sources.GalaxySource`; None = the embedded parametric
     population), convolved with the Gaussian PSF of FWHM ``psf_fwhm`` [arcsec].
     Lens: NFW of ``m200`` [Msun], concentration ``conc`` at ``z_lens`` for sources at ``z_source``,
@@ -102,6 +103,7 @@ class MockConfig:
     wcs_rotation_deg: float = 0.0
     filters: tuple = DEFAULT_FILTERS
     n_galaxies: int | None = None
+    density_per_arcmin2: float | None = None
     min_sep_px: float = 20.0
     source: Any = None
     psf_fwhm: float = PSF_FWHM
@@ -132,6 +134,9 @@ class MockConfig:
     def n_gal(self) -> int:
         if self.n_galaxies is not None:
             return int(self.n_galaxies)
+        if self.density_per_arcmin2 is not None:
+            area = (self.size * self.pixel_scale / 60.0) ** 2  # arcmin^2
+            return max(1, int(round(float(self.density_per_arcmin2) * area)))
         return int(round(800 * (self.size / 1200.0) ** 2))
 
 

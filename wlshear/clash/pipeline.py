@@ -192,6 +192,7 @@ class Shears:
     flags: np.ndarray          # the cut flags plus FLAG_CNN_FAILED
     response: np.ndarray | None  # (N, 2, 2) metacal responses (None: simulation calibration)
     r_mean: np.ndarray | None  # the field's mean response <R> the shears were divided by
+    shear_max: float | None = None  # the estimator's training prior |g1|, |g2| < shear_max (metadata)
 
     @property
     def use(self) -> np.ndarray:
@@ -233,7 +234,17 @@ def measure_shear(fld: FieldStep, dets: Detections, sel: Selection, estimator, c
     if metacal and use.any():
         r_mean = ensemble_response(resp[use])
         g_cnn[use] = g_cnn[use] @ np.linalg.inv(r_mean).T
-    return Shears(g_cnn, flags, resp if metacal else None, r_mean)
+    return Shears(g_cnn, flags, resp if metacal else None, r_mean, trained_shear_max(estimator))
+
+
+def trained_shear_max(estimator) -> float | None:
+    """The half-width of the uniform shear prior the estimator was trained on
+    (``data.augment.shear_max`` in its metadata), or None when the file does not say."""
+    cfg = (getattr(estimator, "metadata", None) or {}).get("config") or {}
+    try:
+        return float(cfg["data"]["augment"]["shear_max"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 # ----------------------------------------------------------------------------- 5. the catalogue
@@ -244,7 +255,9 @@ def write_catalogue(name: str, dets: Detections, shears: Shears, path: Path, wcs
 
     ``g1, g2`` (and ``g1_base, g2_base``) are in the image pixel frame (x = column, y = row);
     with the field's ``wcs``, ``g1_sky, g2_sky`` (``g1_base_sky, g2_base_sky``) are the same shears
-    in the sky frame (east, north; ``clash.lensing.pixel_to_sky_shear``)."""
+    in the sky frame (east, north; ``clash.lensing.pixel_to_sky_shear``). ``out_of_range``: a
+    component beyond the estimator's training prior (``|g| > shear_max``, header SHEARMAX), where
+    its response is not calibrated; flagged only (cutting on a measured shear would bias maps)."""
     det = dets.det
     catalogue = Table({
         "id": np.asarray(det["id"]), "ra": np.asarray(det["ra"]), "dec": np.asarray(det["dec"]),
@@ -259,6 +272,12 @@ def write_catalogue(name: str, dets: Detections, shears: Shears, path: Path, wcs
     if dets.g_base is not None:
         catalogue["g1_base"] = dets.g_base[:, 0]
         catalogue["g2_base"] = dets.g_base[:, 1]
+    if shears.shear_max is not None:
+        # beyond the training prior the CNN's response bends (cluster cores): flagged, not cut, so
+        # that no selection on the measured shear enters the maps
+        with np.errstate(invalid="ignore"):
+            catalogue["out_of_range"] = (np.abs(shears.g) > shears.shear_max).any(axis=1)
+        catalogue.meta["SHEARMAX"] = shears.shear_max
     frame = None
     if wcs is not None:
         try:

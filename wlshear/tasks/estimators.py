@@ -211,3 +211,42 @@ def config_mismatch(est, data_cfg: dict) -> list[str]:
     if ta != tb:
         out.append(f"data.source: trained {ta}, test {tb}")
     return out
+
+
+def noise_level_checkpoints(noise_cfg) -> dict[float, Path]:
+    """``studies.noise``'s per-level estimator files: ``checkpoints`` ({level: file}) and, with
+    ``sweep_dir`` (a ``train.py -m`` multirun directory, e.g. of ``experiment=paper_clash
+    data/noise=full,half,quarter``), every job's ``estimator_refit.pt`` keyed by the
+    ``data.noise_scale`` of its ``config_resolved.yaml`` (explicit ``checkpoints`` win). Raises
+    ``FileNotFoundError`` for a missing file or sweep directory and ``ValueError`` when two jobs of
+    the sweep share a level."""
+    import yaml
+
+    noise_cfg = noise_cfg or {}
+    out: dict[float, Path] = {}
+    sweep = noise_cfg.get("sweep_dir")
+    if sweep:
+        root = Path(str(sweep)).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"studies.noise.sweep_dir: {root} is not a directory (absolute: {root.resolve()})")
+        found: dict[float, Path] = {}
+        for est in sorted(root.glob("*/estimator_refit.pt")):
+            cfg_file = est.parent / "config_resolved.yaml"
+            level = ((yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else None) or {}).get("data", {}).get(
+                "noise_scale")
+            if level is None:
+                log.warning("studies.noise.sweep_dir: %s has no data.noise_scale in config_resolved.yaml; skipped", est)
+                continue
+            if float(level) in found:
+                raise ValueError(f"studies.noise.sweep_dir: {found[float(level)]} and {est} were both trained at "
+                                 f"noise_scale {level}; name the one to use in studies.noise.checkpoints")
+            found[float(level)] = est
+        if not found:
+            raise FileNotFoundError(f"studies.noise.sweep_dir: no job with estimator_refit.pt under {root}")
+        out.update(found)
+    out.update({float(k): Path(str(v)).expanduser() for k, v in dict(noise_cfg.get("checkpoints") or {}).items() if v})
+    for lvl, p in out.items():
+        if not p.is_file():
+            raise FileNotFoundError(f"studies.noise.checkpoints[{lvl}]: no estimator file at {p} (absolute: {p.resolve()})")
+    return out
+

@@ -59,6 +59,7 @@ from wlshear.tasks.estimators import (
     build_baselines,
     config_mismatch,
     load_cnns,
+    noise_level_checkpoints,
     resolve_checkpoints,
     run_estimators,
     summaries,
@@ -87,13 +88,7 @@ def _check_inputs(cfg: DictConfig, out_dir: Path) -> _Inputs:
     """Validate the config and every named file before anything is rendered; save the config."""
     validate_config(cfg, EVALUATE_RULES, "evaluate config", RELATIONS)
     ckpt_paths = resolve_checkpoints(cfg.get("checkpoints"), cfg.get("run_dir"))
-    studies_cfg = cfg.get("studies") or {}
-    noise_ckpts = {float(k): Path(str(v)).expanduser()
-                   for k, v in dict((studies_cfg.get("noise") or {}).get("checkpoints") or {}).items() if v}
-    for lvl, p in noise_ckpts.items():
-        if not p.is_file():
-            raise FileNotFoundError(f"studies.noise.checkpoints[{lvl}]: no estimator file at {p} "
-                                    f"(absolute: {p.resolve()})")
+    noise_ckpts = noise_level_checkpoints((cfg.get("studies") or {}).get("noise"))  # per-level models
     if not ckpt_paths:
         log.warning("no CNN checkpoints given (run_dir / checkpoints): evaluating baselines only")
     save_resolved_config(cfg, out_dir)

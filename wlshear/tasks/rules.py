@@ -132,6 +132,7 @@ EVALUATE_RULES: dict[str, Rule] = {
     "studies.noise.enabled": Bool(),
     "studies.noise.n": Int(2),
     "studies.noise.levels": Floats(0, 100, "x the CLASH noise kernel"),
+    "studies.noise.sweep_dir": Str(nullable=True, note="a train.py multirun: its jobs' models per data.noise_scale"),
 }
 
 INFER_CLASH_RULES: dict[str, Rule] = {
@@ -192,7 +193,7 @@ MOCK_FIELD_RULES: dict[str, Rule] = {
     **prefixed("mock", {
         "cluster": Str(note="used in the file names"),
         "size": Int(64, 100000, "field side in pixels"),
-        "n_galaxies": Int(1, nullable=True, note="null: 800 x (size/1200)^2"),
+        "n_galaxies": Int(1, nullable=True, note="null: density_per_arcmin2 x area"),
         "min_sep_px": Float(0, note="minimum separation of objects [px]"),
         "stamp_size": Int(8, 1024, "side of each galaxy's drawn stamp [px]"),
         "m200": Float(0, lo_open=True, note="NFW M200 [Msun]"),
@@ -212,6 +213,7 @@ MOCK_FIELD_RULES: dict[str, Rule] = {
         "ra0": Float(0, 360),
         "dec0": Float(-90, 90),
         "wcs_rotation_deg": Float(-360, 360),
+        "density_per_arcmin2": Float(0, lo_open=True, nullable=True, note="sources per arcmin^2 (paper: 37)"),
     }),
 }
 
