@@ -125,6 +125,14 @@ def test_end_to_end_outputs(run_result):
     # the CNN recalibrated by this cluster's relative calibration, hold-out repeated (paper section 6.3)
     if "recalibrated" in ho:
         assert ho["recalibrated"]["n_test"] == ho["cnn"]["n_test"]
+    # the mock's truth table (found through its _mock.json): m, c of the CNN and the baseline per galaxy
+    tb = s["truth_bias"]
+    assert tb["n_matched"] > 0.8 * s["n_galaxies"]
+    for est in ("cnn", "baseline"):
+        assert all(np.isfinite(tb[est][k]) for k in ("m1", "m1_err", "m2", "m2_err", "c1", "c2")), est
+    # the calibrated moments baseline measures the true shear (diluted on the field, cf. the profile test)
+    assert -0.6 < tb["baseline"]["m1"] < 0.3 and -0.6 < tb["baseline"]["m2"] < 0.3, tb["baseline"]
+    assert summary["truth_bias_pooled"]["baseline"]["m1"] == pytest.approx(tb["baseline"]["m1"])
     pooled = summary["sigma_source_pooled"]
     np.testing.assert_allclose(pooled["cnn"]["sigma_source"], ho["cnn"]["sigma_source"], rtol=1e-12, equal_nan=True)
     assert pooled["cnn"]["n_clusters"] == [1, 1] or np.isnan(ho["cnn"]["sigma_source"]).any()

@@ -51,6 +51,7 @@ from wlshear.clash.maps import (
     write_map_fits,
 )
 from wlshear.clash.stamps import extract_stamps
+from wlshear.metrics.bias import fit_bias
 from wlshear.metrics.plots import plot_profile, plot_sigma_vs_scale, plot_star_galaxy, plot_whiskers
 from wlshear.sim.constants import STAMP_SIZE
 from wlshear.utils.plain import to_plain
@@ -606,3 +607,57 @@ def tangential_profile(name: str, c: dict, fld: FieldStep, dets: Detections, she
     plot_profile(png, _as_profile(table, "_cnn"), _as_profile(table, "_base") if prof_b is not None else None, model,
                  f"{name}: tangential shear around ({xc:.0f}, {yc:.0f}) px")
     return Profile((xc, yc), csv, png)
+
+
+# ----------------------------------------------------------------------------- truth (mock fields)
+
+#: a detection is the truth galaxy nearest to it when closer than this [px]
+TRUTH_MATCH_PX = 2.0
+
+
+def truth_catalogue_path(c: dict) -> Path | None:
+    """The per-galaxy truth table of a cluster entry: ``truth_catalogue``, or the ``files.truth`` of
+    a mock's ``*_mock.json`` given as ``truth``; None for real clusters."""
+    if c.get("truth_catalogue"):
+        return Path(str(c["truth_catalogue"]))
+    spec = c.get("truth")
+    if isinstance(spec, (str, Path)) and Path(spec).is_file():
+        files = json.loads(Path(spec).read_text()).get("files") or {}
+        if files.get("truth"):
+            return Path(files["truth"])
+    return None
+
+
+def truth_pairs(c: dict, dets: Detections, shears: Shears) -> dict | None:
+    """True and estimated pixel-frame shears of the used galaxies matched to the truth table (within
+    :data:`TRUTH_MATCH_PX`): ``{"g_true", "g_cnn", "g_base"}`` (N, 2) arrays (``g_base`` NaN where a
+    galaxy has no baseline shear), or None without a truth table."""
+    path = truth_catalogue_path(c)
+    if path is None:
+        return None
+    if not path.is_file():
+        raise ClusterError(f"truth catalogue {path} does not exist")
+    from scipy.spatial import cKDTree
+
+    truth = Table.read(path)
+    gal = ~np.asarray(truth["is_star"], dtype=bool) if "is_star" in truth.colnames else np.ones(len(truth), bool)
+    tx, ty = np.asarray(truth["x"], float)[gal], np.asarray(truth["y"], float)[gal]
+    tg = np.c_[np.asarray(truth["g1"], float)[gal], np.asarray(truth["g2"], float)[gal]]
+    use = np.flatnonzero(shears.use)
+    x, y = np.asarray(dets.det["x"], float)[use], np.asarray(dets.det["y"], float)[use]
+    d, i = cKDTree(np.c_[tx, ty]).query(np.c_[x, y])
+    ok = d < TRUTH_MATCH_PX
+    g_base = dets.g_base[use][ok] if dets.g_base is not None else np.full((int(ok.sum()), 2), np.nan)
+    return {"g_true": tg[i[ok]], "g_cnn": shears.g[use][ok], "g_base": g_base}
+
+
+def truth_bias(pairs: dict | None) -> dict | None:
+    """m, c (with errors) of the CNN and of the baseline against the true reduced shear of a mock
+    (``g_est = (1 + m) g_true + c`` per component), from :func:`truth_pairs` (one cluster or pooled)."""
+    if pairs is None or len(pairs["g_true"]) < 3:
+        return None
+    out = {"n_matched": int(len(pairs["g_true"])), "cnn": fit_bias(pairs["g_true"], pairs["g_cnn"]).as_dict()}
+    has_base = np.isfinite(pairs["g_base"]).all(axis=1)
+    if has_base.sum() >= 3:
+        out["baseline"] = fit_bias(pairs["g_true"][has_base], pairs["g_base"][has_base]).as_dict()
+    return out

@@ -114,11 +114,14 @@ def process_cluster(c: dict, cfg, estimator, out_root: Path, rng: np.random.Gene
         summary["n_calibration_points"] = errors.n_points
         if errors.calibration is not None:
             summary["calibration"] = errors.calibration
+    pairs = steps.truth_pairs(c, dets, shears)                                  # mock fields: against the truth
+    if pairs is not None:
+        summary["truth_bias"] = steps.truth_bias(pairs)
     prof = steps.tangential_profile(name, c, fld, dets, shears, maps, truth, cfg.profile, out)
     files.update({"profile_csv": str(prof.csv), "profile_png": str(prof.png)})
     summary.update(center_px=list(prof.center), truth=truth, files=files, status="ok", wall_time_s=time.time() - t0)
     write_json(summary, out / f"{name}_summary.json")
-    return {"summary": summary, "points": errors.points}
+    return {"summary": summary, "points": errors.points, "truth_pairs": pairs}
 
 
 # ----------------------------------------------------------------------------- run
@@ -208,7 +211,7 @@ def run(cfg: DictConfig) -> dict:
     rng = np.random.default_rng(int(cfg.seed))
 
     run_summary = {"estimator": str(cfg.estimator), "clusters": {}, "failed": {}, "out_dir": str(out_dir)}
-    pooled = []
+    pooled, truth_pooled = [], []
     for c in tqdm(clusters, desc="clusters", disable=not cfg.get("progress", True) or len(clusters) < 2):
         name = c["name"]
         crng = np.random.default_rng([int(cfg.seed), sum(map(ord, name))])
@@ -224,7 +227,12 @@ def run(cfg: DictConfig) -> dict:
         run_summary["clusters"][name] = res["summary"]
         if res["points"] is not None:
             pooled.append(res["points"])
+        if res.get("truth_pairs") is not None:
+            truth_pooled.append(res["truth_pairs"])
 
+    if truth_pooled:  # mock fields: m, c against the truth over every cluster's matched galaxies
+        run_summary["truth_bias_pooled"] = steps.truth_bias(
+            {k: np.concatenate([p[k] for p in truth_pooled]) for k in ("g_true", "g_cnn", "g_base")})
     ok_clusters = [r for r in run_summary["clusters"].values() if r.get("status") == "ok"]
     run_summary["sigma_source_pooled"] = {
         key: pooled_sigma_source([(r.get("sigma_source") or {}).get(key) for r in ok_clusters])
