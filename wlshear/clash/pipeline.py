@@ -51,7 +51,7 @@ from wlshear.clash.maps import (
     write_map_fits,
 )
 from wlshear.clash.stamps import extract_stamps
-from wlshear.metrics.bias import fit_bias
+from wlshear.metrics.bias import calibrate, fit_bias
 from wlshear.metrics.plots import plot_profile, plot_sigma_vs_scale, plot_star_galaxy, plot_whiskers
 from wlshear.sim.constants import STAMP_SIZE
 from wlshear.utils.plain import to_plain
@@ -471,7 +471,7 @@ def recalibrated(g: np.ndarray, calibration: dict | None) -> np.ndarray | None:
     c = np.array([calibration["c1"], calibration["c2"]], dtype=np.float64)
     if not (np.all(np.isfinite(m)) and np.all(1 + m > 0)):
         return None
-    return (np.asarray(g, dtype=np.float64) - c) / (1 + m)
+    return calibrate(g, m, c)
 
 
 def estimate_errors(fld: FieldStep, dets: Detections, shears: Shears, maps: Maps, cfg, rng, out: Path | None = None,

@@ -142,8 +142,7 @@ class ShearDataModule(L.LightningDataModule):
             return None
         return {"train": self._split[0], "test": self._split[1]}
 
-    def _cached(self, name: str, n: int, seed_offset: int, ring: bool = False) -> CachedStampSet:
-        renderer = self.eval_renderer if name == "test" else self.fit_renderer
+    def _cached(self, renderer: StampRenderer, name: str, n: int, seed_offset: int, ring: bool = False) -> CachedStampSet:
         return CachedStampSet(renderer, n, self.hparams.seed * 1000 + seed_offset,
                               cache_dir=self.cache_dir, ring=ring, name=name,
                               workers=self.hparams.num_workers,
@@ -158,9 +157,9 @@ class ShearDataModule(L.LightningDataModule):
             self.train_set = ShearStream(self.train_renderer, hp.samples_per_epoch, seed=hp.seed, chunk=hp.chunk,
                                          max_failure_fraction=hp.stream_max_failure_fraction)
         if stage in (None, "fit", "validate") and self.val_set is None:
-            self.val_set = self._cached("val", hp.val_size, 1)
+            self.val_set = self._cached(self.fit_renderer, "val", hp.val_size, 1)
         if stage in (None, "test") and self.test_set is None:
-            self.test_set = self._cached("test", hp.test_size, 2, ring=hp.test_ring)
+            self.test_set = self._cached(self.eval_renderer, "test", hp.test_size, 2, ring=hp.test_ring)
 
     def refit_set(self, n: int | None = None, ring: bool = False) -> CachedStampSet:
         """Un-augmented (rotation + mirror), population-weighted stamps for the head refit
@@ -173,7 +172,7 @@ class ShearDataModule(L.LightningDataModule):
         if isinstance(n, str):
             raise ValueError(f"refit_size={n!r}: pass the number of stamps, e.g. "
                              "refit_set(refit_sample_size(net, 'auto'))")
-        return self._cached("refit", int(n), 3, ring=ring)
+        return self._cached(self.fit_renderer, "refit", int(n), 3, ring=ring)
 
     # -- loaders ---------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

@@ -13,6 +13,14 @@ from matplotlib.figure import Figure
 __all__ = ["plot_star_galaxy", "plot_whiskers", "plot_profile", "plot_sigma_vs_scale"]
 
 
+def _save(fig: Figure, path) -> Path:
+    """Lay out and write a cluster figure (110 dpi, format from the suffix); returns the path."""
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def plot_star_galaxy(det, is_star, path, star_params: dict | None = None, title: str = "") -> Path:
     """Save a PNG of the (mag, mu_max) and (mag, flux_radius) planes, stars red, galaxies blue."""
     mag = np.asarray(det["mag"], dtype=np.float64)
@@ -34,10 +42,7 @@ def plot_star_galaxy(det, is_star, path, star_params: dict | None = None, title:
         axes[1].axhline(star_params["r_star_max"], color="k", ls=":", lw=0.8)
     axes[1].set_yscale("log")
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path)
 
 
 def plot_whiskers(
@@ -114,10 +119,7 @@ def plot_profile(path, prof_cnn, prof_base=None, model=None, title: str = "") ->
     ax.set_ylabel("reduced shear")
     ax.legend(fontsize=8)
     ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path)
 
 
 def plot_sigma_vs_scale(by_scale: dict, path, title: str = "") -> Path:
@@ -139,7 +141,4 @@ def plot_sigma_vs_scale(by_scale: dict, path, title: str = "") -> Path:
     ax.set_ylabel(r"hold-out $\sigma_{source}$")
     ax.legend(fontsize=8)
     ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path)
