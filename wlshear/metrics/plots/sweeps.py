@@ -6,7 +6,7 @@ from pathlib import Path
 
 from wlshear.metrics.plots._figure import plt, save
 
-__all__ = ["plot_summary"]
+__all__ = ["plot_learning_curve", "plot_summary"]
 
 
 def plot_summary(rows: list[dict], path: Path, group_by: str = "model", x: str = "noise_scale") -> Path:
@@ -34,3 +34,24 @@ def plot_summary(rows: list[dict], path: Path, group_by: str = "model", x: str =
         ax_s.text(0.5, 0.5, "no complete jobs", ha="center", va="center", transform=ax_s.transAxes)
     fig.tight_layout()
     return save(fig, path, dpi=120, tight=False)
+
+
+def plot_learning_curve(curves: dict, path: Path, fits: dict | None = None) -> Path:
+    """Validation sigma (component average) against training stamps, one line per run name in
+    ``curves`` (``{name: (stamps, sigma)}``); ``fits``: optional ``{name: (stamps, model_sigma)}``
+    drawn dashed (e.g. a power-law extrapolation)."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for name, (n, s) in curves.items():
+        line, = ax.plot(n, s, "o-", ms=3, label=name)
+        if fits and name in fits:
+            ax.plot(*fits[name], "--", color=line.get_color(), lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("training stamps")
+    ax.set_ylabel("validation sigma (mean of g1, g2)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    ax.set_ylim(top=float(np.nanmax([np.nanmax(s) for _, s in curves.values()])) * 1.02)
+    fig.tight_layout()
+    return save(fig, path)
