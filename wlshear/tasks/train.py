@@ -136,6 +136,10 @@ def _fit(cfg: DictConfig, run: _Run, metrics: dict) -> bool:
                          getattr(run.dm.hparams, "num_workers", 0))
             trainer.fit(model=model, datamodule=run.dm, ckpt_path=run.ckpt_path)
         metrics["resumed_from"] = run.ckpt_path
+    elif run.ckpt_path:  # train=false: refit / evaluate the checkpoint's network as it is
+        log.info("train=false: network weights from %s", run.ckpt_path)
+        model.load_state_dict(torch.load(run.ckpt_path, map_location="cpu", weights_only=True)["state_dict"])
+        metrics["weights_from"] = run.ckpt_path
     # the refit, calibration and evaluation measure: full float32 products from here on (bf16 on
     # AMX CPUs adds ~2e-3 relative errors; wlshear.utils.precision); run() restores the caller's
     torch.set_float32_matmul_precision("highest")
