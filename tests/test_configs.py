@@ -41,7 +41,7 @@ def _offline(monkeypatch, tmp_path):
 
 
 def test_every_group_has_its_options():
-    assert options("model") == ["paper_cnn", "paper_cnn_condbias", "resnet_small", "wide_cnn"]
+    assert options("model") == ["paper_cnn", "paper_cnn_condbias", "paper_cnn_d4", "resnet_small", "wide_cnn"]
     assert {"cpu", "gpu", "ddp", "ddp_cpu", "ddp_multinode"} <= set(options("trainer"))
     assert {"csv", "tensorboard", "wandb", "many"} <= set(options("logger"))
     assert {"paper_clash", "ablate_no_shift", "ablate_no_magnification", "ablate_no_rotation_mirror"} <= set(
@@ -64,7 +64,7 @@ def test_model_options_instantiate_and_run(tmp_path, name):
 
 
 def _source_dir_ok(name: str, cfg) -> bool:
-    if name == "parametric":
+    if name in ("parametric", "structured"):
         return True
     return Path(os.path.expanduser(str(cfg.data.source.catalog_dir))).is_dir()
 
@@ -72,10 +72,10 @@ def _source_dir_ok(name: str, cfg) -> bool:
 @pytest.mark.parametrize("name", options("data/source"))
 def test_data_source_options(tmp_path, name):
     over = [f"data/source={name}"]
-    if name == "parametric":
+    if name in ("parametric", "structured"):
         over.append("data.source.n_galaxies=200")
     cfg = _compose(tmp_path, over)
-    assert cfg.data.source._target_.startswith("wlshear.sim.sources.")
+    assert cfg.data.source._target_.startswith(("wlshear.sim.sources.", "wlshear.sim.structured."))
     if name in ("cosmos", "cosmos_parametric"):  # need a download: compose only
         assert cfg.data.source.use_real == (name == "cosmos")
         return

@@ -94,6 +94,8 @@ class ShearRegressor(L.LightningModule):
         scheduler: callable ``optimizer -> LR scheduler`` or ``None``.
         scheduler_monitor: metric a ReduceLROnPlateau-type scheduler watches.
         symmetrize_eval: average predictions over the 8 square symmetries in val/test/predict.
+        symmetrize_train: train the 8-fold average itself (the loss sees ``(1/8) sum_T s_T net(T x)``,
+            an exactly equivariant estimator at every step; 8x the compute per stamp).
         shear_max: half-width of the training shear distribution (recorded; used by the head refit).
         objective: training loss, a callable ``(pred, true, groups) -> (loss, parts)`` of
             :mod:`wlshear.models.objectives` (chosen in the model config by ``_target_``): ``None`` =
@@ -119,6 +121,7 @@ class ShearRegressor(L.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         scheduler_monitor: str = "val/loss",
         symmetrize_eval: bool = False,
+        symmetrize_train: bool = False,
         shear_max: float = 0.2,
         objective: Any = None,
         init_from: str | None = None,
@@ -210,7 +213,8 @@ class ShearRegressor(L.LightningModule):
             groups = torch.arange(b, device=self.device).repeat_interleave(k)
             batch = (x, y)
         x, y = self._xy(batch)
-        loss, parts = self.objective(self(x), y, groups)
+        pred = self.predict_shear(x, symmetrize=True) if self.hparams.get("symmetrize_train") else self(x)
+        loss, parts = self.objective(pred, y, groups)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
         for name, val in parts.items():
             if name != "mse" or len(parts) > 1:

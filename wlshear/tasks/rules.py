@@ -38,6 +38,7 @@ MODEL_RULES: dict[str, Rule] = {
     "scheduler.patience": Int(0),
     "scheduler.min_lr": Float(0),
     "symmetrize_eval": Bool(),
+    "symmetrize_train": Bool(),
     "objective.slope_weight": Float(0),
     "objective.mse_weight": Float(0),
     "objective.target_slope": Float(0, 10, lo_open=True),
