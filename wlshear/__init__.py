@@ -10,7 +10,9 @@ __version__ = "0.1.0"
 
 
 def load_estimator(path):
-    """Load a trained, calibrated shear estimator saved by ``train.py``.
+    """Load a trained, calibrated shear estimator saved by ``train.py`` (a path), or one shipped
+    with the package by name: ``load_estimator("clash-parametric")`` (its model card:
+    ``wlshear.models.pretrained.model_card(name)``).
 
     Returns an object with ``predict(stamps, symmetrize=True) -> (N, 2)`` calibrated shears.
     Usable without Hydra. See :mod:`wlshear.models.estimator`.

@@ -494,18 +494,25 @@ def load_estimator(
     device: str | torch.device = "cpu",
     weights_only: bool = True,
 ) -> ShearEstimator:
-    """Load a :class:`ShearEstimator` from a file written by :meth:`ShearEstimator.save`, or from a
-    Lightning checkpoint of a ``ShearRegressor`` (identity calibration, metadata from its hparams).
+    """Load a :class:`ShearEstimator` from a file written by :meth:`ShearEstimator.save`, from a
+    Lightning checkpoint of a ``ShearRegressor`` (identity calibration, metadata from its hparams),
+    or by the name of an estimator shipped with the package (``"clash-parametric"``:
+    :mod:`wlshear.models.pretrained`; a file of that name in the working directory wins).
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
+        FileNotFoundError: ``path`` does not exist and is no shipped estimator's name.
         ValueError: the file is corrupt, of an unknown format, or its network cannot be rebuilt.
     """
+    from wlshear.models.pretrained import PRETRAINED, pretrained_path
+
+    if isinstance(path, str) and path in PRETRAINED and not Path(path).exists():
+        path = pretrained_path(path)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"no estimator file at {path} (absolute: {path.resolve()}); train one and save it with "
-            "ShearEstimator.save(path), or pass a ShearRegressor Lightning checkpoint"
+            "ShearEstimator.save(path), pass a ShearRegressor Lightning checkpoint, or name a shipped "
+            f"estimator ({', '.join(sorted(PRETRAINED))})"
         )
     obj = _read(path, map_location="cpu", weights_only=weights_only)
     if not isinstance(obj, dict):

@@ -218,6 +218,12 @@ class StampRenderer:
         """A shallow copy (same source, PSF, population) with other background noise (None = none)."""
         return self._copy(noise=noise)
 
+    def with_backend(self, backend: str) -> "StampRenderer":
+        """A shallow copy drawing with another registered backend ('galsim', 'torch')."""
+        if backend not in _BACKENDS:
+            raise ValueError(f"unknown renderer backend {backend!r}; available: {sorted(_BACKENDS)}")
+        return self._copy(backend=backend)
+
     def _copy(self, **changes) -> "StampRenderer":
         new = object.__new__(StampRenderer)
         new.__dict__.update(self.__dict__)

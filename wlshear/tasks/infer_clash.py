@@ -185,18 +185,27 @@ def check_calibrated(estimator, path, allow: bool = False, need_calibration: boo
                      "allow_uncalibrated=true to run it anyway.")
 
 
+def _default_estimator(cfg) -> None:
+    """No ``estimator`` given: use the shipped one (:data:`wlshear.models.pretrained.DEFAULT`)."""
+    if cfg.get("estimator") in (None, ""):
+        from wlshear.models.pretrained import DEFAULT
+
+        log.info("infer_clash: no estimator given; using the shipped %r (wlshear/models/pretrained/%s.md; "
+                 "estimator=<run_dir>/estimator_refit.pt for your own)", DEFAULT, DEFAULT)
+        cfg.estimator = DEFAULT
+
+
 def run(cfg: DictConfig) -> dict:
     """Process every configured cluster (module docstring); returns the run summary dict."""
     t0 = time.time()
     validate_config(cfg, INFER_CLASH_RULES, "infer_clash config", RELATIONS)
+    _default_estimator(cfg)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_resolved_config(cfg, out_dir)
     if cfg.get("extras", {}).get("print_config", False):
         print_config_tree(cfg, order=("clusters", "estimator", "maps", "cuts", "detection", "paths"),
                           save_to=out_dir / "config_tree.txt")
-    if cfg.get("estimator") in (None, ""):
-        raise ValueError("infer_clash: set `estimator=<path>` (train.py writes <run_dir>/estimator_refit.pt)")
     clusters = _cluster_list(cfg)
     estimator = load_estimator(cfg.estimator)
     calibration = str(cfg.get("shear_calibration", "simulation"))
