@@ -54,7 +54,8 @@ def test_smoke_train_refit_evaluate(tmp_path):
     g0 = est.predict(x, symmetrize=True)
     for k in range(8):
         gk = est.predict(np.ascontiguousarray(apply_np(x, k)), symmetrize=True)
-        assert np.abs(gk - g0 * np.array(shear_sign(k))).max() < 1e-5, k
+        # float32 summation order only (a few-step network's outputs can be ~10: relative tolerance)
+        assert np.abs(gk - g0 * np.array(shear_sign(k))).max() < 1e-5 * max(1.0, np.abs(g0).max()), k
     # a second run reuses the cached evaluation sets
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 3
 
@@ -76,7 +77,7 @@ def test_short_run_learns_on_low_noise_simple_galaxies(tmp_path):
     or above it). Intrinsic ellipticities are small (e_sigma 0.05) so that shape noise does not
     floor the MSE near the prior (with e_sigma 0.25 the Bayes floor is ~0.011)."""
     cfg = _cfg(tmp_path, [
-        "debug=fast", "data.noise_scale=0.25", "data.source.p_bulge_disk=0", "data.source.mag_mean=23",
+        "debug=fast", "data/source=parametric", "data.noise_scale=0.25", "data.source.p_bulge_disk=0", "data.source.mag_mean=23",
         "data.source.mag_sd=0.5", "data.source.hlr_median_px=3.5", "data.source.n_galaxies=300", "data.source.e_sigma=0.05",
         "data.augment.shift=0.5", "data.augment.magnification=null",
         "data.samples_per_epoch=1600", "data.val_size=400", "data.batch_size=32",

@@ -66,7 +66,7 @@ from wlshear.sim.augment import Augmentation, StampParams
 from wlshear.sim.constants import FAST_GSPARAMS, PIXEL_SCALE, PSF_FWHM, ZP_CLASH
 from wlshear.sim.noise import CorrelatedNoise
 from wlshear.sim.render import StampRenderer
-from wlshear.sim.sources import ParametricSource
+from wlshear.sim.structured import StructuredSource
 
 from .io import DEFAULT_FILTERS, SCI_PATTERN, WHT_PATTERN
 from .lensing import nfw_magnification, nfw_reduced_shear, pixel_to_sky_shear
@@ -83,7 +83,7 @@ class MockConfig:
     ``wcs_rotation_deg`` on the sky (the baseline catalogue's G1/G2 are in the sky frame). Galaxies: ``n_galaxies`` (None:
     ``density_per_arcmin2`` x the field area, or without it 800 per 1200x1200 px, i.e. ~470 per
     arcmin^2; the paper assumes 37) uniform positions at least ``min_sep_px`` apart, drawn from
-    ``source`` (a :class:`~wlshear.sim.sources.GalaxySource`; None = the embedded parametric
+    ``source`` (a :class:`~wlshear.sim.sources.GalaxySource`; None = the embedded structured
     population), convolved with the Gaussian PSF of FWHM ``psf_fwhm`` [arcsec].
     Lens: NFW of ``m200`` [Msun], concentration ``conc`` at ``z_lens`` for sources at ``z_source``,
     centred at ``center`` (pixels; None = image centre); ``magnification`` uses the NFW mu.
@@ -235,7 +235,7 @@ def add_stamps(image: np.ndarray, stamps: np.ndarray, x, y) -> None:
 
 def build_renderer(cfg: MockConfig) -> StampRenderer:
     """The project's StampRenderer for the configured population (no noise: added field-wide)."""
-    src = cfg.source if cfg.source is not None else ParametricSource(gsparams=cfg.gsparams)
+    src = cfg.source if cfg.source is not None else StructuredSource(gsparams=cfg.gsparams)
     return StampRenderer(src, None, Augmentation().test_mode(), population="natural", psf_fwhm=cfg.psf_fwhm,
                          pixel_scale=cfg.pixel_scale, gsparams=cfg.gsparams)
 
