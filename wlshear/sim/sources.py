@@ -140,6 +140,17 @@ def _truncnorm(rng, n, mean, sd, lo, hi):
     return out
 
 
+def draw_magnitudes_and_sizes(rng, n, mag_mean, mag_sd, mag_range, hlr_median_px, hlr_mag_slope, hlr_log_scatter,
+                              hlr_range_px) -> tuple[np.ndarray, np.ndarray]:
+    """The parametric populations' magnitudes (CLASH zero-point) and half-light radii [target
+    pixels]: mag ~ normal(``mag_mean``, ``mag_sd``) truncated to ``mag_range``; log10 r =
+    log10(``hlr_median_px``) + ``hlr_mag_slope`` (mag - ``mag_mean``) + normal(0, ``hlr_log_scatter``),
+    clipped to ``hlr_range_px``. Draws in that order from ``rng``."""
+    mag = _truncnorm(rng, n, mag_mean, mag_sd, *mag_range)
+    logr = math.log10(hlr_median_px) + hlr_mag_slope * (mag - mag_mean) + rng.normal(0.0, hlr_log_scatter, n)
+    return mag, np.clip(10**logr, *hlr_range_px)
+
+
 class ParametricSource(GalaxySource):
     """Analytic galaxy population resembling the CLASH background sources (the embedded default).
 
@@ -198,13 +209,8 @@ class ParametricSource(GalaxySource):
         self.n_knots = int(n_knots)
         rng = np.random.default_rng(seed)
         n = int(n_galaxies)
-        mag = _truncnorm(rng, n, mag_mean, mag_sd, *mag_range)
-        logr = (
-            math.log10(hlr_median_px)
-            + hlr_mag_slope * (mag - mag_mean)
-            + rng.normal(0.0, hlr_log_scatter, n)
-        )
-        hlr = np.clip(10**logr, *hlr_range_px)
+        mag, hlr = draw_magnitudes_and_sizes(rng, n, mag_mean, mag_sd, mag_range, hlr_median_px, hlr_mag_slope,
+                                             hlr_log_scatter, hlr_range_px)
         is_bd = rng.random(n) < p_bulge_disk
         sersic_n = rng.choice(np.asarray(sersic_grid, dtype=float), n)
         bulge_frac = rng.uniform(*bulge_frac_range, n)

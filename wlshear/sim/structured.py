@@ -49,7 +49,7 @@ import galsim
 import numpy as np
 
 from wlshear.sim.constants import PIXEL_SCALE, ZP_CLASH
-from wlshear.sim.sources import EXP_HLR_FACTOR, GalaxySource, _truncnorm, shear_matrix
+from wlshear.sim.sources import EXP_HLR_FACTOR, GalaxySource, draw_magnitudes_and_sizes, shear_matrix
 
 #: COSMOS single-Sersic index histogram (cosmos_sersic_300, 276 galaxies) on the grid 0.5..4
 COSMOS_SERSIC_WEIGHTS = (43, 91, 51, 26, 22, 18, 14, 11)
@@ -168,9 +168,8 @@ class StructuredSource(GalaxySource):
         self.n_knots, self.n_arms, self.arm_width = int(n_knots), int(n_arms), float(arm_width)
         rng = np.random.default_rng(seed)
         n = int(n_galaxies)
-        mag = _truncnorm(rng, n, mag_mean, mag_sd, *mag_range)
-        logr = math.log10(hlr_median_px) + hlr_mag_slope * (mag - mag_mean) + rng.normal(0.0, hlr_log_scatter, n)
-        hlr = np.clip(10**logr, *hlr_range_px)
+        mag, hlr = draw_magnitudes_and_sizes(rng, n, mag_mean, mag_sd, mag_range, hlr_median_px, hlr_mag_slope,
+                                             hlr_log_scatter, hlr_range_px)
         is_bd = rng.random(n) < p_bulge_disk
         w = np.asarray(sersic_weights, float)
         sersic_n = rng.choice(np.asarray(sersic_grid, float), n, p=w / w.sum())
@@ -216,7 +215,7 @@ class StructuredSource(GalaxySource):
         if kf > 0:
             rng = np.random.default_rng([self.seed, 7_919, i])
             pts = disk_plane_points(rng, self.n_knots, bool(c["arms"][i]), self.n_arms,
-                                    float(c["arm_pitch"][i]) if c["arms"][i] else 0.3, self.arm_width)
+                                    float(c["arm_pitch"][i]), self.arm_width)  # pitch: NaN (unused) for clumps
             knots_xy = pts @ (s_main * hlr).T
             knots_w = np.full(self.n_knots, disk_flux * kf / self.n_knots)
         else:
