@@ -42,7 +42,7 @@ BASELINES = sorted(p.stem for p in (CONF_DIR / "baselines").glob("*.yaml"))
 
 def test_evaluate_uses_every_baseline_config():
     """The paper's protocol (evaluate=paper) runs every baseline config; the default the fast ones."""
-    assert BASELINES == ["fpfs", "ksb", "moments", "regauss", "wlenet"]
+    assert BASELINES == ["fpfs", "ksb", "moments", "regauss", "rrg", "wlenet"]
     assert sorted(compose_config("evaluate", ["evaluate=paper"]).baselines) == BASELINES
     assert sorted(compose_config("evaluate").baselines) == ["fpfs", "moments"]
 

@@ -7,6 +7,8 @@ float ``(N, 32, 32)`` array (axis order y, x; counts), ``g`` a float64 ``(N, 2)`
 evaluate.py builds them from ``conf/baselines/*.yaml`` by ``_target_`` (``baselines=[moments,ksb]``):
 
 - ``moments``: released RRG-like weighted moments (returns un-calibrated chi);
+- ``rrg``: Rhodes, Refregier & Groth (2000), second and fourth moments, PSF-corrected, divided by
+  the population's shear susceptibility (a shear estimate without a fitted calibration);
 - ``ksb`` / ``regauss``: GalSim HSM KSB (shear) and REGAUSS (distortion -> shear);
 - ``fpfs``: AnaCal FPFS at the stamp centre (needs the ``anacal`` package);
 - ``wlenet``: the paper authors' released Keras CNN, run in numpy (needs h5py and the release
@@ -22,11 +24,13 @@ import numpy as np
 from .fpfs import FPFSEstimator
 from .hsm import KSBEstimator, REGAUSSEstimator
 from .moments import MomentsEstimator
+from .rrg import RRGEstimator
 from .wlenet import WLENetEstimator
 
 __all__ = [
     "Estimator",
     "MomentsEstimator",
+    "RRGEstimator",
     "KSBEstimator",
     "REGAUSSEstimator",
     "FPFSEstimator",

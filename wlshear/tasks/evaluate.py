@@ -1,7 +1,7 @@
 """Evaluation task: CNN estimators and classical baselines on the same test stamps.
 
 For every estimator (each CNN file with and without the 8-fold symmetry average, and the
-baselines moments, ksb, regauss, fpfs, wlenet) and each shear component this measures
+baselines moments, rrg, ksb, regauss, fpfs, wlenet) and each shear component this measures
 
 - m and c of g_est = (1 + m) g_true + c (``docs/CONVENTIONS.md``) with errors. With ring pairs
   (``test.ring``: every galaxy also drawn rotated by 90 degrees with the same shear) m and c come
