@@ -103,20 +103,20 @@ def test_evaluate_end_to_end(tmp_path):
 
 
 def test_paper_preset_draws_galsim_sets_with_every_baseline(tmp_path):
-    """evaluate=paper: the paper's protocol (150,000 GalSim stamps, all five baselines); run here on
+    """evaluate=paper: the paper's protocol (150,000 GalSim stamps, every baseline); run here on
     a tiny test set with the studies off."""
     torch.manual_seed(0)
     est_path = ShearEstimator(PaperCNN()).save(tmp_path / "run" / "estimator.pt")
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         full = compose("evaluate.yaml", overrides=["evaluate=paper"])
     assert full.test.n == 150000 and full.test.backend == "galsim" and full.test.check_n == 0
-    assert set(full.baselines) == {"moments", "ksb", "regauss", "fpfs", "wlenet"}
+    assert set(full.baselines) == {"moments", "rrg", "ksb", "regauss", "fpfs", "wlenet"}
     assert set(full.studies.baselines) == set(full.baselines)
     off = [f"studies.{s}.enabled=false" for s in ("magnitude", "conditional", "shear", "centroid", "background", "noise", "metacal")]
     cfg = _cfg(tmp_path, ["evaluate=paper", f"run_dir={est_path.parent}", "test.n=16", *off])
     res = run(cfg)
     assert res["test_set"]["backend"] == "galsim" and res["test_set"]["backend_check"] is None
-    for name in ("cnn_sym", "moments", "ksb", "regauss"):
+    for name in ("cnn_sym", "moments", "rrg", "ksb", "regauss"):
         assert res["estimators"][name]["n_total"] == 16, name
     # the released wlenet model is absent under this root_dir: skipped with a reason, not dropped
     assert "wlenet" in res["skipped"] and "not found" in res["skipped"]["wlenet"]
