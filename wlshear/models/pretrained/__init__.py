@@ -13,9 +13,12 @@ HERE = Path(__file__).resolve().parent
 
 #: name -> one-line description (the model card has the rest)
 PRETRAINED = {
-    "clash-parametric": "paper CNN trained on the structured parametric population at CLASH depth "
-                        "(full noise, F814W-like, 0.065\"/px, Gaussian PSF FWHM 0.121\")",
-    "clash-parametric-surface": "clash-parametric with a calibration surface m, c(magnitude, size): "
+    "clash-parametric": "paper CNN trained as its own 8-fold symmetry average on the structured "
+                        "parametric population at CLASH depth (full noise, F814W-like, 0.065\"/px, "
+                        "Gaussian PSF FWHM 0.121\")",
+    "clash-parametric-plain": "the previous default: paper CNN trained plainly (8-fold average at "
+                              "inference only) on 2M stamps of the same population",
+    "clash-parametric-surface": "clash-parametric-plain with a calibration surface m, c(magnitude, size): "
                                 "lower bias per magnitude, ~3.5% higher sigma",
 }
 
