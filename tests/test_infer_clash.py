@@ -255,6 +255,11 @@ def test_default_estimator_is_the_shipped_one(mock_dir, tmp_path):
     assert summary["estimator"] == "clash-parametric" and summary["n_ok"] == 1
     tb = summary["clusters"][NAME]["truth_bias"]["cnn"]
     assert abs(tb["m1"]) < 0.3 and abs(tb["m2"]) < 0.3, tb
+    # the same fit on the galaxies inside the estimator's training prior (|g_i| < 0.2), beside it
+    inside = summary["clusters"][NAME]["truth_bias"]["within_prior"]
+    assert inside["shear_max"] == 0.2
+    assert 3 <= inside["n_matched"] < summary["clusters"][NAME]["truth_bias"]["n_matched"]
+    assert summary["truth_bias_pooled"]["within_prior"]["n_matched"] == inside["n_matched"]
     saved = (tmp_path / "out" / "config_resolved.yaml").read_text()
     assert "estimator: clash-parametric" in saved
 

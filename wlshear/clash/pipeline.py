@@ -651,11 +651,24 @@ def truth_pairs(c: dict, dets: Detections, shears: Shears) -> dict | None:
     return {"g_true": tg[i[ok]], "g_cnn": shears.g[use][ok], "g_base": g_base}
 
 
-def truth_bias(pairs: dict | None) -> dict | None:
+def truth_bias(pairs: dict | None, shear_max: float | None = None) -> dict | None:
     """m, c (with errors) of the CNN and of the baseline against the true reduced shear of a mock
-    (``g_est = (1 + m) g_true + c`` per component), from :func:`truth_pairs` (one cluster or pooled)."""
+    (``g_est = (1 + m) g_true + c`` per component), from :func:`truth_pairs` (one cluster or pooled).
+
+    With ``shear_max`` (the estimator's training prior), the same fits restricted to the galaxies
+    whose true |g1| and |g2| lie inside it are added as ``within_prior`` (the CNN's response bends
+    beyond its prior, a classical estimator's much less)."""
     if pairs is None or len(pairs["g_true"]) < 3:
         return None
+    out = _truth_fits(pairs)
+    if shear_max is not None:
+        inside = (np.abs(pairs["g_true"]) < shear_max).all(axis=1)
+        sub = _truth_fits({k: v[inside] for k, v in pairs.items()}) if inside.sum() >= 3 else {"n_matched": int(inside.sum())}
+        out["within_prior"] = {"shear_max": float(shear_max), **sub}
+    return out
+
+
+def _truth_fits(pairs: dict) -> dict:
     out = {"n_matched": int(len(pairs["g_true"])), "cnn": fit_bias(pairs["g_true"], pairs["g_cnn"]).as_dict()}
     has_base = np.isfinite(pairs["g_base"]).all(axis=1)
     if has_base.sum() >= 3:

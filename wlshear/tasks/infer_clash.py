@@ -116,7 +116,7 @@ def process_cluster(c: dict, cfg, estimator, out_root: Path, rng: np.random.Gene
             summary["calibration"] = errors.calibration
     pairs = steps.truth_pairs(c, dets, shears)                                  # mock fields: against the truth
     if pairs is not None:
-        summary["truth_bias"] = steps.truth_bias(pairs)
+        summary["truth_bias"] = steps.truth_bias(pairs, shears.shear_max)
     prof = steps.tangential_profile(name, c, fld, dets, shears, maps, truth, cfg.profile, out)
     files.update({"profile_csv": str(prof.csv), "profile_png": str(prof.png)})
     summary.update(center_px=list(prof.center), truth=truth, files=files, status="ok", wall_time_s=time.time() - t0)
@@ -241,7 +241,8 @@ def run(cfg: DictConfig) -> dict:
 
     if truth_pooled:  # mock fields: m, c against the truth over every cluster's matched galaxies
         run_summary["truth_bias_pooled"] = steps.truth_bias(
-            {k: np.concatenate([p[k] for p in truth_pooled]) for k in ("g_true", "g_cnn", "g_base")})
+            {k: np.concatenate([p[k] for p in truth_pooled]) for k in ("g_true", "g_cnn", "g_base")},
+            steps.trained_shear_max(estimator))
     ok_clusters = [r for r in run_summary["clusters"].values() if r.get("status") == "ok"]
     run_summary["sigma_source_pooled"] = {
         key: pooled_sigma_source([(r.get("sigma_source") or {}).get(key) for r in ok_clusters])
