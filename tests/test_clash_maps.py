@@ -209,3 +209,40 @@ def test_pooled_sigma_source_weights_clusters_by_held_out_galaxies(tmp_path):
                 19.5: {"cnn": {"sigma_source": [0.25, 0.26]}}}
     out = plot_sigma_vs_scale(by_scale, tmp_path / "s.png")
     assert out.is_file() and out.stat().st_size > 1000
+
+
+def _clustered_points(rng, k=30, m=20, slope=1.1):
+    """k clusters of m map points each: the true map t varies from cluster to cluster, and most of
+    the error of the points of one cluster is shared (their few galaxies). The per-point variances
+    handed to the fit are right (as bootstrap variances are), but the points are not independent."""
+    pts = []
+    for _ in range(k):
+        t = rng.normal(0, 0.05, (1, 2)) + rng.normal(0, 0.02, (m, 2))
+        shared = rng.normal(0, 0.02, (1, 2))
+        ref = t + rng.normal(0, 0.01, (m, 2))
+        est = slope * t + shared + rng.normal(0, 0.01, (m, 2))
+        pts.append({"ref": ref, "est": est, "var_ref": np.full((m, 2), 0.01**2),
+                    "var_est": np.full((m, 2), 0.02**2 + 0.01**2), "cov": np.zeros((m, 2))})
+    return pts
+
+
+def test_pooled_relative_calibration_errors_from_whole_clusters():
+    """Points of one cluster share errors: the fit's own error is several times too small, the
+    error from resampling clusters matches the scatter of the fit over independent realisations."""
+    from wlshear.clash.errors import pooled_relative_calibration
+
+    rng = np.random.default_rng(11)
+    fits_ = pooled_relative_calibration(_clustered_points(rng), n_boot=100, rng=1)
+    assert len(fits_) == 2 and all(f["n_clusters"] == 30 for f in fits_)
+    m_hat = [pooled_relative_calibration(_clustered_points(rng), n_boot=0)[0]["m"] for _ in range(60)]
+    scatter = np.std(m_hat, ddof=1)
+    assert abs(np.mean(m_hat) - 0.1) < 3 * scatter / np.sqrt(60)  # the slope itself comes back
+    for f in fits_:
+        assert f["m_err"] < 0.5 * scatter, (f["m_err"], scatter)
+        assert 0.6 < f["m_err_clusters"] / scatter < 1.6, (f["m_err_clusters"], scatter)
+        assert f["c_err_clusters"] > f["c_err"]
+    # fewer than 3 clusters: the pooled fit, without resampled errors
+    two = pooled_relative_calibration(_clustered_points(rng, k=2), n_boot=50)
+    assert "m_err_clusters" not in two[0] and two[0]["n_clusters"] == 2
+    with pytest.raises(ValueError, match="no cluster"):
+        pooled_relative_calibration([], n_boot=10)

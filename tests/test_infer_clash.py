@@ -139,6 +139,9 @@ def test_end_to_end_outputs(run_result):
     # baseline per-galaxy error: shape noise of a few tenths
     assert 0.1 < ho["baseline"]["sigma_source_mean"] < 0.8
     assert "m1" in s["calibration"] and "m1" in summary["calibration_pooled"]
+    # one cluster ok: the pooled fit is that cluster's, with no cluster-resampled errors (need >= 3)
+    assert summary["calibration_pooled"]["n_clusters_1"] == 1 and "m1_err_clusters" not in summary["calibration_pooled"]
+    assert summary["calibration_pooled"]["m1"] == pytest.approx(s["calibration"]["m1"], rel=1e-6)
     md = (out / "calibration.md").read_text()
     assert "all (pooled)" in md and "FAILED" in md
     # maps: FITS extensions with the map WCS and bootstrap sigma > 0 where galaxies are

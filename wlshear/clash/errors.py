@@ -214,6 +214,46 @@ def relative_calibration(ref, est, var_ref, var_est, cov=None, n_boot: int = 0, 
     ]
 
 
+
+def pooled_relative_calibration(points: list[dict], n_boot: int = 200, rng=None, n_boot_points: int = 0) -> list[dict]:
+    """The relative calibration pooled over clusters, with errors from resampling whole clusters.
+
+    ``points``: one dict per cluster with (M_k, 2) arrays ``ref``, ``est``, ``var_ref``,
+    ``var_est``, ``cov`` (as for :func:`relative_calibration`). The fit is
+    :func:`relative_calibration` on all points together; its inverse-Hessian ``m_err`` treats the
+    points as independent, but the points of one cluster are smoothed from the same few galaxies
+    (a 19.5" kernel spans a good part of a field), so it is too small. ``m_err_clusters`` and
+    ``c_err_clusters`` are the standard deviations of the same fit over ``n_boot`` resamples of
+    the clusters with replacement (needs >= 3 clusters and ``n_boot`` > 1; otherwise absent), and
+    ``n_clusters`` the number of clusters that contributed points. ``n_boot_points`` > 0 adds the
+    point bootstrap of :func:`fit_line_xy_errors` (``m_err_boot``) to the pooled fit."""
+    keys = ("ref", "est", "var_ref", "var_est", "cov")
+    pts = [p for p in points if p is not None and len(np.asarray(p["ref"])) > 0]
+    if not pts:
+        raise ValueError("pooled_relative_calibration: no cluster has calibration points")
+    cat = {k: np.concatenate([np.asarray(p[k], dtype=np.float64) for p in pts]) for k in keys}
+    rng = np.random.default_rng(rng)
+    fits_ = relative_calibration(cat["ref"], cat["est"], cat["var_ref"], cat["var_est"], cat["cov"], n_boot_points, rng)
+    for f in fits_:
+        f["n_clusters"] = len(pts)
+    if len(pts) >= 3 and n_boot > 1:
+        draws = []
+        for _ in range(int(n_boot)):
+            pick = rng.integers(0, len(pts), len(pts))
+            b = {k: np.concatenate([np.asarray(pts[i][k], dtype=np.float64) for i in pick]) for k in keys}
+            try:
+                fb = relative_calibration(b["ref"], b["est"], b["var_ref"], b["var_est"], b["cov"])
+            except ValueError:  # a resample with < 3 usable points
+                continue
+            draws.append([[f["m"], f["c"]] for f in fb])
+        if len(draws) > 1:
+            d = np.array(draws)  # (n, k, 2)
+            for j, f in enumerate(fits_):
+                f["m_err_clusters"] = float(np.std(d[:, j, 0], ddof=1))
+                f["c_err_clusters"] = float(np.std(d[:, j, 1], ddof=1))
+    return fits_
+
+
 def pooled_sigma_source(holdouts: list[dict]) -> dict | None:
     """The per-galaxy error pooled over clusters from their hold-out summaries
     (``{"sigma_source": [s1, s2], "n_test": n}`` each): per component

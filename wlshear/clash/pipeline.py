@@ -410,7 +410,8 @@ def calibration_summary(fits_: list[dict]) -> dict:
     """Flat keys (m1, m1_err, c1, ..., chi2_1, ndof_1, n_1, success_1, ...) of a relative calibration."""
     out = {}
     for k, f in enumerate(fits_, start=1):
-        for key in ("m", "m_err", "c", "c_err", "m_err_boot", "c_err_boot", "chi2", "ndof", "n", "success"):
+        for key in ("m", "m_err", "c", "c_err", "m_err_boot", "c_err_boot", "m_err_clusters", "c_err_clusters",
+                    "chi2", "ndof", "n", "n_clusters", "success"):
             if key in f:  # m -> m1, m_err -> m1_err, chi2 -> chi2_1, ...
                 name = f"{key[0]}{k}{key[1:]}" if key[0] in "mc" and key[1:2] in ("", "_") else f"{key}_{k}"
                 out[name] = f[key]

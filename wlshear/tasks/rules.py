@@ -164,6 +164,7 @@ INFER_CLASH_RULES: dict[str, Rule] = {
     "calibration.min_points": Int(3),
     "calibration.positions": Choice("uniform", "galaxies", note="where the two maps are compared"),
     "calibration.n_boot": Int(0),
+    "calibration.n_boot_clusters": Int(0),
     "profile.bins_arcsec": Floats(0, min_len=2, increasing=True, note="annulus edges, arcsec"),
     "profile.min_per_bin": Int(1),
     "fail_exit_code": Int(0, 255),
