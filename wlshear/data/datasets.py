@@ -163,7 +163,7 @@ class ShearStream(IterableDataset):
 def grouped_params(renderer: StampRenderer, rng: np.random.Generator, n_groups: int, group_size: int):
     """Parameters of ``n_groups`` groups of ``group_size`` stamps: each group is one galaxy with one
     rotation, mirror, magnification and centroid shift, and ``group_size`` independent shears
-    g1, g2 ~ U(-shear_max, shear_max). Rows are ordered group by group; ``pair_id`` = group index."""
+    g1, g2 from the augmentation's shear prior. Rows are ordered group by group; ``pair_id`` = group index."""
     from wlshear.sim.augment import StampParams
 
     if group_size < 2:
@@ -171,9 +171,7 @@ def grouped_params(renderer: StampRenderer, rng: np.random.Generator, n_groups: 
     base = renderer.sample_params(rng, n_groups)
     rep = np.repeat(np.arange(n_groups), group_size)
     p = base.subset(rep)
-    s = renderer.augment.shear_max
-    p.g1 = rng.uniform(-s, s, len(rep))
-    p.g2 = rng.uniform(-s, s, len(rep))
+    p.g1, p.g2 = renderer.augment.sample_shear(rng, len(rep))
     p.pair_id = rep.astype(np.int64)
     return StampParams(**p.as_dict())
 
@@ -318,7 +316,7 @@ def renderer_description(renderer: StampRenderer) -> dict:
         "source": src_desc,
         "noise": None if renderer.noise is None else {
             "kernel": np.round(renderer.noise.base_kernel, 12).tolist(), "scale": renderer.noise.scale},
-        "augment": vars(renderer.augment),
+        "augment": _augment_description(renderer.augment),
         "population": renderer.population,
         "weights_sha": hashlib.sha1(np.ascontiguousarray(renderer.weights).tobytes()).hexdigest()[:12],
         "psf_fwhm": renderer.psf_fwhm,
@@ -327,6 +325,16 @@ def renderer_description(renderer: StampRenderer) -> dict:
         "gsparams": None if gsp is None else repr(gsp),
         "backend": renderer.backend,
     }
+
+
+def _augment_description(aug) -> dict:
+    """The augmentation's fields; the shear-prior fields only when the prior is not the paper's
+    uniform one, so sets cached before the Gaussian option existed keep their keys."""
+    d = dict(vars(aug))
+    if d.get("shear_prior", "uniform") == "uniform":
+        d.pop("shear_prior", None)
+        d.pop("shear_sigma", None)
+    return d
 
 
 def _flatten(d, prefix=""):

@@ -49,6 +49,8 @@ DATA_RULES: dict[str, Rule] = {
     "augment.magnification": Pair(0, 10, "uniform magnification range; null = none", lo_open=True, nullable=True),
     "augment.shift": Float(0, 16, "pixels"),
     "augment.shear_max": Float(0, 1, lo_open=True, hi_open=True),
+    "augment.shear_prior": Choice("uniform", "gaussian"),
+    "augment.shear_sigma": Float(0, 1, lo_open=True),
     # parametric source
     "source.n_galaxies": Int(1),
     "source.mag_sd": Float(0, 10, lo_open=True),

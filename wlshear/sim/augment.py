@@ -26,7 +26,14 @@ class Augmentation:
     mirror : mirror x -> -x with probability ``mirror_prob`` when True.
     magnification : (lo, hi) for a uniform mu, or None for mu = 1.
     shift : maximum |dx|, |dy| [pixels] of a uniform centroid shift (0 for none).
-    shear_max : g1, g2 ~ U(-shear_max, shear_max) independently.
+    shear_max : g1, g2 ~ U(-shear_max, shear_max) independently (``shear_prior="uniform"``), or the
+        truncation |g_i| < shear_max of the Gaussian prior.
+    shear_prior : "uniform" (the paper's) or "gaussian": g1, g2 ~ N(0, shear_sigma^2) independently,
+        redrawn where |g_i| >= shear_max. An MSE regressor returns the posterior mean of the shear,
+        which a bounded uniform prior bends (its ensemble response falls with |g|); under a Gaussian
+        prior and a Gaussian likelihood the posterior mean is linear in the data, so its response
+        is the same at every shear.
+    shear_sigma : per-component standard deviation of the Gaussian prior (dimensionless shear).
     """
 
     rotation: bool = True
@@ -35,6 +42,8 @@ class Augmentation:
     magnification: tuple[float, float] | None = (0.925, 1.075)
     shift: float = 3.5
     shear_max: float = SHEAR_MAX
+    shear_prior: str = "uniform"
+    shear_sigma: float = 0.12
 
     def __post_init__(self):
         if self.magnification is not None:
@@ -46,10 +55,53 @@ class Augmentation:
             raise ValueError(f"shift must be >= 0 pixels, got {self.shift}")
         if not 0 <= self.shear_max < 1:
             raise ValueError(f"shear_max must be in [0, 1), got {self.shear_max}")
+        if self.shear_prior not in SHEAR_PRIORS:
+            raise ValueError(f"shear_prior must be one of {SHEAR_PRIORS}, got {self.shear_prior!r}")
+        if self.shear_prior == "gaussian" and not 0 < self.shear_sigma:
+            raise ValueError(f"shear_sigma must be > 0 for the Gaussian shear prior, got {self.shear_sigma}")
+
+    def sample_shear(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Draw ``n`` shears (g1, g2) from the prior (see the class docstring)."""
+        return _sample_component(rng, n, self), _sample_component(rng, n, self)
+
+    @property
+    def shear_var(self) -> float:
+        """Per-component variance Var(g_i) of the shear prior (sets the head refit's attenuation)."""
+        return shear_variance(self.shear_prior, self.shear_max, self.shear_sigma)
 
     def test_mode(self) -> "Augmentation":
         """Rotation and mirror only (the paper's test and head-refit sets)."""
         return replace(self, rotation=True, mirror=True, magnification=None, shift=0.0)
+
+
+SHEAR_PRIORS = ("uniform", "gaussian")
+
+
+def shear_variance(prior: str, shear_max: float, shear_sigma: float = 0.12) -> float:
+    """Per-component variance of the shear prior: shear_max^2 / 3 for the uniform one; for the
+    Gaussian truncated at |g_i| < shear_max, sigma^2 [1 - 2 b phi(b) / (2 Phi(b) - 1)], b = shear_max / sigma."""
+    if prior == "uniform":
+        return float(shear_max) ** 2 / 3.0
+    if prior == "gaussian":
+        from math import erf, exp, pi, sqrt
+
+        b = float(shear_max) / float(shear_sigma)
+        phi = exp(-0.5 * b * b) / sqrt(2 * pi)
+        mass = erf(b / sqrt(2))  # 2 Phi(b) - 1
+        return float(shear_sigma) ** 2 * (1 - 2 * b * phi / mass)
+    raise ValueError(f"shear_prior must be one of {SHEAR_PRIORS}, got {prior!r}")
+
+
+def _sample_component(rng: np.random.Generator, n: int, aug: "Augmentation") -> np.ndarray:
+    s = aug.shear_max
+    if aug.shear_prior == "uniform":
+        return rng.uniform(-s, s, n)
+    g = rng.normal(0.0, aug.shear_sigma, n)
+    bad = np.abs(g) >= s
+    while bad.any():  # rejection: the truncation keeps the prior inside the renderers' |g| bound
+        g[bad] = rng.normal(0.0, aug.shear_sigma, int(bad.sum()))
+        bad = np.abs(g) >= s
+    return g
 
 
 @dataclass
@@ -97,9 +149,7 @@ def sample_params(rng: np.random.Generator, n: int, weights: np.ndarray, aug: Au
         raise ValueError("ring pairs need an even number of stamps")
     m = n // 2 if ring else n
     gid = rng.choice(len(weights), size=m, p=weights)
-    s = aug.shear_max
-    g1 = rng.uniform(-s, s, m)
-    g2 = rng.uniform(-s, s, m)
+    g1, g2 = aug.sample_shear(rng, m)
     rot = rng.uniform(0, 2 * np.pi, m) if aug.rotation else np.zeros(m)
     mir = (rng.random(m) < aug.mirror_prob) if aug.mirror else np.zeros(m, bool)
     mu = rng.uniform(*aug.magnification, m) if aug.magnification is not None else np.ones(m)

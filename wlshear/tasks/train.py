@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from wlshear.metrics.bias import fit_bias
 from wlshear.models.estimator import ShearEstimator
 from wlshear.models.refit import refit_head, refit_sample_size
+from wlshear.sim.augment import shear_variance
 from wlshear.tasks.train_report import test_report
 from wlshear.tasks.preflight import UntrainedError, check_required, check_will_train, untrained_hint
 from wlshear.tasks.tracking import (
@@ -169,11 +170,17 @@ def _validate(cfg: DictConfig, run: _Run, metrics: dict, untrained: bool, out_di
         metrics["val_flagged"] = int((~usable).sum())
     val_mse = float(np.mean((val_pred[usable] - val.batch.shear[usable]) ** 2))
     metrics["val_mse"] = val_mse
-    metrics["val_mse_prior"] = float(cfg.data.augment.shear_max**2 / 3)
+    metrics["val_mse_prior"] = _shear_var(cfg)
     log.info("validation MSE %.5f (prior variance %.5f)", val_mse, metrics["val_mse_prior"])
     meta = {"config": run.hp, "val_mse": val_mse, "untrained": bool(untrained), "calibrated": False}
     ShearEstimator(model.net, metadata=meta, **run.estimator_kwargs).save(out_dir / "estimator.pt")
     return meta
+
+
+def _shear_var(cfg: DictConfig) -> float:
+    """Per-component variance of the configured training shear prior (uniform or Gaussian)."""
+    a = cfg.data.augment
+    return shear_variance(a.get("shear_prior", "uniform"), a.shear_max, a.get("shear_sigma", 0.12))
 
 
 def _calibrate(est: ShearEstimator, refit, symmetrize: bool, symmetric: bool, metrics: dict):
@@ -207,8 +214,8 @@ def _refit(cfg: DictConfig, run: _Run, meta: dict, metrics: dict, out_dir: Path)
     if run.metacal_op is not None:
         loader = run.metacal_op.noshear_batches(loader, seed=int(cfg.seed))
     symmetric = bool(cfg.refit.get("symmetric", False))
-    new_net, diag = refit_head(run.model.net, loader, shear_max=cfg.data.augment.shear_max, progress=True,
-                               symmetric=symmetric)
+    new_net, diag = refit_head(run.model.net, loader, shear_max=cfg.data.augment.shear_max, var_g=_shear_var(cfg),
+                               progress=True, symmetric=symmetric)
     metrics["refit"] = {k: v for k, v in diag.items() if np.ndim(v) == 0 or k in ("L", "m")}
     est = ShearEstimator(new_net, metadata=meta, **run.estimator_kwargs)
     cal = _calibrate(est, refit, cfg.evaluate.symmetrize, symmetric, metrics)
