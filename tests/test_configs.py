@@ -309,19 +309,19 @@ def test_gaussian_shear_prior_experiment_reaches_renderers_and_refit(tmp_path):
     """experiment=structured_d4_gauss trains under the truncated Gaussian prior, its head refit's
     attenuation uses that prior's variance, and the evaluation override restores the paper's set."""
     from wlshear.sim.augment import shear_variance
-    from wlshear.tasks.train import _shear_var
 
     cfg = _compose(tmp_path, ["experiment=structured_d4_gauss", "data/source=parametric", "debug=fast"])
     a = cfg.data.augment
     assert (a.shear_prior, a.shear_sigma, a.shear_max) == ("gaussian", 0.12, 0.45)
-    assert _shear_var(cfg) == pytest.approx(shear_variance("gaussian", 0.45, 0.12))
-    assert abs(_shear_var(cfg) - 0.45**2 / 3) > 0.05  # not the uniform formula on shear_max
     dm = instantiate(cfg.data)
+    var_g = dm.fit_renderer.augment.shear_var  # what train.py gives the head refit and val_mse_prior
+    assert var_g == pytest.approx(shear_variance("gaussian", 0.45, 0.12))
+    assert abs(var_g - 0.45**2 / 3) > 0.05  # not the uniform formula on shear_max
     assert dm.train_renderer.augment.shear_prior == "gaussian"
     assert dm.eval_renderer.augment.shear_prior == "gaussian" and dm.eval_renderer.augment.shift == 0
-    std = _compose(tmp_path, ["experiment=structured_d4_gauss", "data.augment.shear_prior=uniform",
-                              "data.augment.shear_max=0.2"])
-    assert _shear_var(std) == pytest.approx(0.2**2 / 3)
+    std = _compose(tmp_path, ["experiment=structured_d4_gauss", "data/source=parametric", "debug=fast",
+                              "data.augment.shear_prior=uniform", "data.augment.shear_max=0.2"])
+    assert instantiate(std.data).fit_renderer.augment.shear_var == pytest.approx(0.2**2 / 3)
     from wlshear.tasks.relations import RELATIONS
     from wlshear.tasks.rules import TRAIN_RULES
     from wlshear.utils.validate import problems

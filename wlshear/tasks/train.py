@@ -35,7 +35,6 @@ from omegaconf import DictConfig, OmegaConf
 from wlshear.metrics.bias import fit_bias
 from wlshear.models.estimator import ShearEstimator
 from wlshear.models.refit import refit_head, refit_sample_size
-from wlshear.sim.augment import shear_variance
 from wlshear.tasks.train_report import test_report
 from wlshear.tasks.preflight import UntrainedError, check_required, check_will_train, untrained_hint
 from wlshear.tasks.tracking import (
@@ -170,17 +169,11 @@ def _validate(cfg: DictConfig, run: _Run, metrics: dict, untrained: bool, out_di
         metrics["val_flagged"] = int((~usable).sum())
     val_mse = float(np.mean((val_pred[usable] - val.batch.shear[usable]) ** 2))
     metrics["val_mse"] = val_mse
-    metrics["val_mse_prior"] = _shear_var(cfg)
+    metrics["val_mse_prior"] = dm.fit_renderer.augment.shear_var  # Var(g_i) of the prior the val set was drawn from
     log.info("validation MSE %.5f (prior variance %.5f)", val_mse, metrics["val_mse_prior"])
     meta = {"config": run.hp, "val_mse": val_mse, "untrained": bool(untrained), "calibrated": False}
     ShearEstimator(model.net, metadata=meta, **run.estimator_kwargs).save(out_dir / "estimator.pt")
     return meta
-
-
-def _shear_var(cfg: DictConfig) -> float:
-    """Per-component variance of the configured training shear prior (uniform or Gaussian)."""
-    a = cfg.data.augment
-    return shear_variance(a.get("shear_prior", "uniform"), a.shear_max, a.get("shear_sigma", 0.12))
 
 
 def _calibrate(est: ShearEstimator, refit, symmetrize: bool, symmetric: bool, metrics: dict):
@@ -214,7 +207,8 @@ def _refit(cfg: DictConfig, run: _Run, meta: dict, metrics: dict, out_dir: Path)
     if run.metacal_op is not None:
         loader = run.metacal_op.noshear_batches(loader, seed=int(cfg.seed))
     symmetric = bool(cfg.refit.get("symmetric", False))
-    new_net, diag = refit_head(run.model.net, loader, shear_max=cfg.data.augment.shear_max, var_g=_shear_var(cfg),
+    var_g = run.dm.fit_renderer.augment.shear_var  # Var(g_i) of the prior the refit set was drawn from
+    new_net, diag = refit_head(run.model.net, loader, shear_max=cfg.data.augment.shear_max, var_g=var_g,
                                progress=True, symmetric=symmetric)
     metrics["refit"] = {k: v for k, v in diag.items() if np.ndim(v) == 0 or k in ("L", "m")}
     est = ShearEstimator(new_net, metadata=meta, **run.estimator_kwargs)
